@@ -1,0 +1,25 @@
+// A node's configuration as stored in peerpool.node, and the validation rules of SPEC section 2.
+#pragma once
+
+#include <string>
+
+#include "pg_peerpool/shmem.hpp"
+
+namespace peerpool {
+
+struct NodeConfig {
+    std::string name;
+    std::string conninfo; // may hold a password: never logged, never put in shared memory
+    int min_connections = 1;
+    int max_connections = 10;
+    NodeRole role = NODE_ROLE_AUTO;
+    int weight = 100;
+    bool enabled = true;
+};
+
+// Each throws Error(22023) with a message naming the offending argument.
+void ValidateNodeName(const std::string &name);
+NodeRole ParseRole(const std::string &role);
+void ValidateNodeConfig(const NodeConfig &config); // everything, conninfo included
+
+} // namespace peerpool

@@ -1,0 +1,111 @@
+// Shared memory: the node registry mirror and each node's live health.
+//
+// Layout (one segment "pg_peerpool", sized by peerpool.max_nodes):
+//   SharedState header | NodeSlot[max_nodes]
+// The pool manager is the only writer of node slots. `lock` (tranche "pg_peerpool") protects
+// every non-atomic field of SharedState and NodeSlot: writers hold it exclusive for a few
+// field stores, readers (views) shared. Atomics are read without the lock.
+// Nothing process-local lives here: no pointers but the LWLock (itself in shared memory).
+#pragma once
+
+extern "C" {
+#include "postgres.h"
+#include "datatype/timestamp.h"
+#include "port/atomics.h"
+#include "storage/lwlock.h"
+}
+
+namespace peerpool {
+
+constexpr int kNodeNameSize = 64; // 63 characters + NUL (SPEC section 2)
+constexpr int kErrorSize = 256;
+
+enum NodeState : uint8 {
+    NODE_STATE_DISCONNECTED,
+    NODE_STATE_CONNECTING,
+    NODE_STATE_HEALTHY,
+    NODE_STATE_DEGRADED,
+    NODE_STATE_UNHEALTHY,
+    NODE_STATE_RECONNECTING,
+    NODE_STATE_TRANSITIONING,
+    NODE_STATE_DRAINING,
+};
+
+// Role as configured in the catalog (auto = detect) and as detected on the node.
+enum NodeRole : uint8 {
+    NODE_ROLE_AUTO,
+    NODE_ROLE_PRIMARY,
+    NODE_ROLE_STANDBY,
+    NODE_ROLE_UNKNOWN,
+};
+
+const char *NodeStateName(NodeState state);
+const char *NodeRoleName(NodeRole role);
+
+struct NodeSlot {
+    bool in_use;
+    char name[kNodeNameSize];
+
+    // Configuration mirrored from peerpool.node (never the conninfo: it may hold a password).
+    int32 min_connections;
+    int32 max_connections;
+    int32 weight;
+    NodeRole configured_role;
+    bool enabled;
+
+    // Health (SPEC section 4, peerpool.node_health).
+    NodeState state;
+    NodeRole detected_role;
+    TimestampTz state_since;
+    TimestampTz last_check;   // 0 = never
+    TimestampTz last_success; // 0 = never
+    int32 consecutive_failures;
+    char last_error[kErrorSize];
+    char last_sqlstate[6];
+    double latency_ms; // < 0 = unknown
+    double replication_lag_ms; // < 0 = unknown / not a standby
+    int32 retry_attempt;
+    TimestampTz next_retry_at; // 0 = none
+};
+
+struct SharedState {
+    LWLock *lock;
+
+    // Bumped by every committing transaction that changed peerpool.node (or created the
+    // extension); the pool manager reloads when it differs from what it loaded.
+    pg_atomic_uint64 registry_generation;
+    uint64 loaded_generation; // under lock
+    TimestampTz registry_loaded_at; // under lock
+    bool extension_present; // under lock: the manager saw the extension in its database
+
+    // The pool manager's PGPROC number (-1 when not running) and pid, to set its latch.
+    pg_atomic_uint32 worker_procno_plus1;
+    pid_t worker_pid; // under lock
+
+    int max_nodes; // fixed at startup
+    NodeSlot nodes[FLEXIBLE_ARRAY_MEMBER];
+};
+
+// The attached shared state, or nullptr when the library was not preloaded.
+SharedState *Shared();
+
+void InstallShmemHooks();
+
+// Raises an Error (55000) if shared memory is not available.
+SharedState &RequireShared();
+
+// Sets the pool manager's latch if it is running. Safe from any backend; never errors.
+void WakePoolManager();
+
+} // namespace peerpool
+
+namespace peerpool {
+
+// Asks the pool manager to reload the registry when the current transaction commits
+// (and forgets the request if it aborts). Cannot fail.
+void MarkRegistryChangedAtCommit();
+
+// Registers the transaction callback behind MarkRegistryChangedAtCommit (from _PG_init).
+void RegisterRegistryXactCallback();
+
+} // namespace peerpool

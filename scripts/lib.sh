@@ -1,0 +1,30 @@
+# Shared helpers for scripts/*.sh: where PostgreSQL lives, how to become root / postgres.
+PG_BINDIR=/usr/lib/postgresql/15/bin
+PG_CONFIG=$PG_BINDIR/pg_config
+export PG_CONFIG
+
+# Runs a command as root (directly, or through sudo for a normal user).
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# initdb refuses root: as root, servers and tests run as the unprivileged postgres user.
+if [ "$(id -u)" = 0 ]; then
+    TEST_USER=postgres
+    as_test_user() { runuser -u postgres -- "$@"; }
+else
+    TEST_USER=$(id -un)
+    as_test_user() { "$@"; }
+fi
+
+# Copies the source tree (without .git and build products) into a fresh directory the test
+# user owns, and prints its path.
+scratch_copy() {
+    local src=$1 dir
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/pg_peerpool.XXXXXX")
+    tar -C "$src" --exclude=.git --exclude='*.o' --exclude='*.d' --exclude='*.so' \
+        --exclude=tmp_check --exclude=tmp_check_regress --exclude=results -cf - . |
+        tar -C "$dir" -xf -
+    if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir"; fi
+    echo "$dir"
+}

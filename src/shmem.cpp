@@ -1,0 +1,175 @@
+// Shared memory sizing, allocation and the small helpers every process uses to reach it.
+#include "pg_peerpool/shmem.hpp"
+
+#include "pg_peerpool/guc.hpp"
+#include "pg_peerpool/pg/guard.hpp"
+
+extern "C" {
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+}
+
+namespace peerpool {
+
+static SharedState *shared = nullptr;
+static shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
+#if PG_VERSION_NUM >= 150000
+static shmem_request_hook_type prev_shmem_request_hook = nullptr;
+#endif
+
+static const char *kTrancheName = "pg_peerpool";
+
+static Size SharedSize()
+{
+    Size size = offsetof(SharedState, nodes);
+    return add_size(size, mul_size(sizeof(NodeSlot), static_cast<Size>(peerpool_max_nodes)));
+}
+
+static void RequestShmem()
+{
+    RequestAddinShmemSpace(SharedSize());
+    RequestNamedLWLockTranche(kTrancheName, 1);
+}
+
+#if PG_VERSION_NUM >= 150000
+static void ShmemRequest()
+{
+    if (prev_shmem_request_hook)
+        prev_shmem_request_hook();
+    RequestShmem();
+}
+#endif
+
+// Runs in the postmaster at startup and after every crash-restart (shared memory is rebuilt,
+// so the node table starts empty and the pool manager reloads it from the catalog).
+static void ShmemStartup()
+{
+    if (prev_shmem_startup_hook)
+        prev_shmem_startup_hook();
+
+    LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+    bool found = false;
+    shared = static_cast<SharedState *>(ShmemInitStruct("pg_peerpool", SharedSize(), &found));
+    if (!found) {
+        memset(static_cast<void *>(shared), 0, SharedSize());
+        shared->lock = &(GetNamedLWLockTranche(kTrancheName))->lock;
+        pg_atomic_init_u64(&shared->registry_generation, 1);
+        pg_atomic_init_u32(&shared->worker_procno_plus1, 0);
+        shared->loaded_generation = 0;
+        shared->max_nodes = peerpool_max_nodes;
+    }
+    LWLockRelease(AddinShmemInitLock);
+}
+
+void InstallShmemHooks()
+{
+#if PG_VERSION_NUM >= 150000
+    prev_shmem_request_hook = shmem_request_hook;
+    shmem_request_hook = ShmemRequest;
+#else
+    RequestShmem();
+#endif
+    prev_shmem_startup_hook = shmem_startup_hook;
+    shmem_startup_hook = ShmemStartup;
+}
+
+SharedState *Shared() { return shared; }
+
+SharedState &RequireShared()
+{
+    if (shared == nullptr)
+        throw Error(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pg_peerpool shared memory is not initialized",
+                    "", "Add pg_peerpool to shared_preload_libraries and restart the server.");
+    return *shared;
+}
+
+void WakePoolManager()
+{
+    if (shared == nullptr)
+        return;
+    uint32 procno_plus1 = pg_atomic_read_u32(&shared->worker_procno_plus1);
+    // A stale number can only wake an unrelated process spuriously, which latches tolerate.
+    if (procno_plus1 != 0 && procno_plus1 <= ProcGlobal->allProcCount)
+        SetLatch(&ProcGlobal->allProcs[procno_plus1 - 1].procLatch);
+}
+
+const char *NodeStateName(NodeState state)
+{
+    switch (state) {
+    case NODE_STATE_DISCONNECTED:
+        return "disconnected";
+    case NODE_STATE_CONNECTING:
+        return "connecting";
+    case NODE_STATE_HEALTHY:
+        return "healthy";
+    case NODE_STATE_DEGRADED:
+        return "degraded";
+    case NODE_STATE_UNHEALTHY:
+        return "unhealthy";
+    case NODE_STATE_RECONNECTING:
+        return "reconnecting";
+    case NODE_STATE_TRANSITIONING:
+        return "transitioning";
+    case NODE_STATE_DRAINING:
+        return "draining";
+    }
+    return "unknown";
+}
+
+const char *NodeRoleName(NodeRole role)
+{
+    switch (role) {
+    case NODE_ROLE_AUTO:
+        return "auto";
+    case NODE_ROLE_PRIMARY:
+        return "primary";
+    case NODE_ROLE_STANDBY:
+        return "standby";
+    case NODE_ROLE_UNKNOWN:
+        return "unknown";
+    }
+    return "unknown";
+}
+
+} // namespace peerpool
+
+extern "C" {
+#include "access/xact.h"
+}
+
+namespace peerpool {
+
+// Set when this transaction changed peerpool.node; acted on at commit, dropped at abort.
+static bool registry_changed_in_xact = false;
+
+void MarkRegistryChangedAtCommit() { registry_changed_in_xact = true; }
+
+// XACT_EVENT_COMMIT runs after the commit is visible to new snapshots, so the woken pool
+// manager is sure to read the new rows. Nothing here can error.
+static void RegistryXactCallback(XactEvent event, void *)
+{
+    switch (event) {
+    case XACT_EVENT_COMMIT:
+    case XACT_EVENT_PARALLEL_COMMIT:
+        if (registry_changed_in_xact && shared != nullptr) {
+            pg_atomic_fetch_add_u64(&shared->registry_generation, 1);
+            WakePoolManager();
+        }
+        registry_changed_in_xact = false;
+        break;
+    case XACT_EVENT_ABORT:
+    case XACT_EVENT_PARALLEL_ABORT:
+        registry_changed_in_xact = false;
+        break;
+    default:
+        break;
+    }
+}
+
+void RegisterRegistryXactCallback() { RegisterXactCallback(RegistryXactCallback, nullptr); }
+
+} // namespace peerpool

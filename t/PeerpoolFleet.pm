@@ -1,0 +1,367 @@
+# Copyright (c) pg_peerpool contributors
+
+=pod
+
+=head1 NAME
+
+PeerpoolFleet - build a coordinator and a fleet of peers for pg_peerpool TAP tests
+
+=head1 SYNOPSIS
+
+  use lib 't';
+  use PeerpoolFleet;
+
+  my $coord = PeerpoolFleet::coordinator('coord',
+      conf => "peerpool.health_check_interval = '200ms'");
+  my @peers = PeerpoolFleet::peers(2);
+  PeerpoolFleet::register($coord, @peers);
+  my $secs = PeerpoolFleet::wait_for_health($coord,
+      "count(*) = 2", 10);
+  note sprintf('registry applied after %.3f s', $secs);
+  PeerpoolFleet::check_logs($coord, @peers);
+
+=head1 DESCRIPTION
+
+Every node is a L<PostgreSQL::Test::Cluster>. The coordinator preloads
+pg_peerpool; peers are plain servers that also listen on TCP 127.0.0.1 (the
+test framework gives them only a Unix socket by default) so that later tests can
+kill, freeze or cut them like a real network peer. Waits poll with a deadline
+and return the measured time so that tests can C<note> it.
+
+=cut
+
+package PeerpoolFleet;
+
+use strict;
+use warnings FATAL => 'all';
+
+use Carp;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+# How long a wait may take unless the caller says otherwise (seconds). Generous: it only
+# bounds a hang; timing claims are asserted by the tests on the measured value.
+our $DEFAULT_TIMEOUT = 30;
+
+# The bgworker's backend_type, as shown in pg_stat_activity.
+our $WORKER_TYPE = 'pg_peerpool pool manager';
+
+=pod
+
+=over
+
+=item coordinator($name, %opts)
+
+Init and start a cluster that preloads pg_peerpool. Options:
+C<conf> (extra postgresql.conf lines), C<no_preload> (do not preload),
+C<no_extension> (do not run CREATE EXTENSION), C<dbname> (database for CREATE
+EXTENSION, default C<postgres>). Returns the node.
+
+=cut
+
+sub coordinator
+{
+	my ($name, %opts) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf',
+		"shared_preload_libraries = 'pg_peerpool'")
+	  unless $opts{no_preload};
+	$node->append_conf('postgresql.conf', $opts{conf}) if defined $opts{conf};
+	$node->start;
+	$node->safe_psql($opts{dbname} // 'postgres', 'CREATE EXTENSION pg_peerpool')
+	  unless $opts{no_extension} || $opts{no_preload};
+	return $node;
+}
+
+=item peers($n, %opts)
+
+Init and start C<$n> plain clusters named C<< <prefix>1 >> .. C<< <prefix>N >>
+(C<prefix> option, default C<peer>), each also listening on 127.0.0.1. Returns
+the nodes.
+
+=cut
+
+sub peers
+{
+	my ($n, %opts) = @_;
+	my $prefix = $opts{prefix} // 'peer';
+	my @nodes;
+	for my $i (1 .. $n)
+	{
+		my $node = PostgreSQL::Test::Cluster->new("$prefix$i");
+		$node->init;
+		# With Unix sockets (the default off Windows) Cluster.pm sets
+		# listen_addresses = ''; its port is already checked free on 127.0.0.1.
+		$node->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'")
+		  if $PostgreSQL::Test::Utils::use_unix_sockets;
+		$node->append_conf('postgresql.conf', $opts{conf}) if defined $opts{conf};
+		$node->start;
+		push @nodes, $node;
+	}
+	return @nodes;
+}
+
+=item peer_conninfo($peer)
+
+The conninfo the coordinator uses for a peer: TCP on loopback, database
+C<postgres>, as the OS user (initdb -A trust lets it in from 127.0.0.1).
+
+=cut
+
+sub peer_conninfo
+{
+	my ($peer) = @_;
+	my $user = getpwuid($<) // $ENV{USER};
+	return sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s',
+		$peer->port, $user);
+}
+
+=item register($coord, @peers) / register($coord, { dbname => ..., sql_extra => ... }, @peers)
+
+C<SELECT peerpool.pool_add_node(name, conninfo)> for each peer, in its own
+transaction, with the peer's cluster name as node_name. An optional leading
+hashref gives the database (default C<postgres>) and extra named arguments
+appended to the call (e.g. C<"enabled => false">).
+
+=cut
+
+sub register
+{
+	my ($coord, @rest) = @_;
+	my %opts = ref $rest[0] eq 'HASH' ? %{ shift @rest } : ();
+	my $extra = defined $opts{sql_extra} ? ", $opts{sql_extra}" : '';
+	for my $peer (@rest)
+	{
+		$coord->safe_psql($opts{dbname} // 'postgres',
+			sprintf("SELECT peerpool.pool_add_node(%s, %s%s)",
+				quote($peer->name), quote(peer_conninfo($peer)), $extra));
+	}
+	return;
+}
+
+=item quote($text)
+
+A SQL string literal.
+
+=cut
+
+sub quote
+{
+	my ($s) = @_;
+	$s =~ s/'/''/g;
+	return "'$s'";
+}
+
+=item wait_until($node, $query, %opts)
+
+Run C<$query> (which must return one boolean) every 10 ms until it returns
+true, with a deadline. Errors (e.g. during a restart or crash recovery) count as
+"not yet". Options: C<timeout> seconds (default $DEFAULT_TIMEOUT), C<dbname>
+(default C<postgres>), C<start> (a Time::HiRes time to measure from; default:
+now). Returns the elapsed seconds, or undef on timeout (after a C<diag> of the
+last output). The measured time includes at most one psql round trip of polling
+overhead.
+
+=cut
+
+sub wait_until
+{
+	my ($node, $query, %opts) = @_;
+	my $start    = $opts{start} // time;
+	my $deadline = time + ($opts{timeout} // $DEFAULT_TIMEOUT);
+	my ($out, $err) = ('', '');
+	while (1)
+	{
+		my $remaining = $deadline - time;
+		last if $remaining <= 0;
+		my $timed_out;
+		$node->psql(
+			$opts{dbname} // 'postgres', $query,
+			stdout => \$out,
+			stderr => \$err,
+			timeout => $remaining < 1 ? 1 : $remaining,
+			timed_out => \$timed_out);
+		return time - $start if !$timed_out && $out eq 't';
+		usleep(10_000);
+	}
+	diag "wait_until timed out on node " . $node->name . ":\n$query\n"
+	  . "last stdout: $out\nlast stderr: $err";
+	return undef;
+}
+
+=item wait_for_health($node, $condition, $timeout_s, %opts)
+
+C<wait_until> on C<SELECT $condition FROM peerpool.node_health>, where
+C<$condition> is an aggregate boolean expression over the view, for example
+C<"count(*) FILTER (WHERE node_name = 'peer1') = 1">. Same options and return
+value as C<wait_until>.
+
+=cut
+
+sub wait_for_health
+{
+	my ($node, $condition, $timeout, %opts) = @_;
+	return wait_until($node,
+		"SELECT coalesce(($condition), false) FROM peerpool.node_health",
+		%opts, (defined $timeout ? (timeout => $timeout) : ()));
+}
+
+=item timed_ok($elapsed, $limit_s, $what)
+
+Test that a wait (the return value of C<wait_until>/C<wait_for_health>) finished
+and took less than C<$limit_s> seconds, and C<note> the measured time.
+
+=cut
+
+sub timed_ok
+{
+	my ($elapsed, $limit, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	ok(defined $elapsed, "$what: seen before the deadline");
+	note sprintf('%s: measured %.1f ms', $what, 1000 * ($elapsed // 0));
+	return cmp_ok($elapsed // 9**9**9, '<', $limit, "$what: within $limit s");
+}
+
+=item session($node, %opts)
+
+A L<PostgreSQL::Test::BackgroundPsql> session on C<$node> (C<dbname> option,
+default C<postgres>) prepared for C<timed_change>: it holds a temporary function
+that polls a condition inside the server every millisecond, so a wait costs one
+round trip instead of one psql start per poll. Call C<< $session->quit >> when
+done. It does not survive a restart or crash of the server.
+
+=cut
+
+sub session
+{
+	my ($node, %opts) = @_;
+	my $s = $node->background_psql($opts{dbname} // 'postgres');
+	# The loop runs in one transaction, so it may only poll what is read afresh on each
+	# call, like node_health (shared memory); not pg_stat_activity (a per-transaction
+	# snapshot).
+	$s->query_safe(q{
+CREATE FUNCTION pg_temp.peerpool_wait(cond text, timeout_s float8) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
+    done boolean;
+BEGIN
+    LOOP
+        EXECUTE cond INTO done;
+        IF done THEN RETURN true; END IF;
+        IF clock_timestamp() > deadline THEN RETURN false; END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+END $$});
+	return $s;
+}
+
+=item timed_change($session, $sql, $condition, $timeout_s)
+
+Run C<$sql> in the C<session> (autocommit, so it has committed when the call
+returns), then wait until C<$condition> (an aggregate boolean expression over
+peerpool.node_health, as for C<wait_for_health>) holds, polling inside the
+server. Returns the seconds from the return of C<$sql> to the condition seen
+(Time::HiRes, so within about a millisecond), or undef after C<$timeout_s>
+(default $DEFAULT_TIMEOUT).
+
+=cut
+
+sub timed_change
+{
+	my ($session, $sql, $condition, $timeout) = @_;
+	$timeout //= $DEFAULT_TIMEOUT;
+	$session->query_safe($sql);
+	my $start = time;
+	my $ok = $session->query_safe(
+		sprintf('SELECT pg_temp.peerpool_wait(%s, %s)',
+			quote("SELECT coalesce(($condition), false) FROM peerpool.node_health"),
+			$timeout));
+	my $elapsed = time - $start;
+	if ($ok ne 't')
+	{
+		diag "timed_change: condition not met after ${timeout}s: $condition";
+		return undef;
+	}
+	return $elapsed;
+}
+
+=item health_names($node, %opts)
+
+The node names in peerpool.node_health, sorted, as a list (C<dbname> option).
+
+=cut
+
+sub health_names
+{
+	my ($node, %opts) = @_;
+	my $out = $node->safe_psql($opts{dbname} // 'postgres',
+		'SELECT node_name FROM peerpool.node_health ORDER BY node_name');
+	return grep { $_ ne '' } split /\n/, $out;
+}
+
+=item worker_pids($node)
+
+The pids of pool manager workers in pg_stat_activity (any database), as a list.
+
+=cut
+
+sub worker_pids
+{
+	my ($node) = @_;
+	my $out = $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = '$WORKER_TYPE' ORDER BY pid");
+	return grep { $_ ne '' } split /\n/, $out;
+}
+
+=item check_logs(@nodes [, { killed_pids => [...] }])
+
+Assert that no node's server log contains "PANIC" or "terminated by signal".
+With C<killed_pids>, a "terminated by signal" line is allowed when it names one
+of those pids (processes the test killed on purpose), and only then.
+
+=cut
+
+sub check_logs
+{
+	my @nodes = @_;
+	my %opts = ref $nodes[-1] eq 'HASH' ? %{ pop @nodes } : ();
+	my %killed = map { $_ => 1 } @{ $opts{killed_pids} // [] };
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+
+	for my $node (@nodes)
+	{
+		my $name = $node->name;
+		my $log  = slurp_file($node->logfile);
+		my @panic = grep { /PANIC/ } split /\n/, $log;
+		is(join("\n", @panic), '', "$name: no PANIC in the server log");
+		my @signal = grep {
+			/terminated by signal/
+			  && !(/\(PID (\d+)\)/ && $killed{$1})
+		} split /\n/, $log;
+		is(join("\n", @signal), '',
+			"$name: no unexpected 'terminated by signal' in the server log");
+	}
+	return;
+}
+
+=item log_since($node, $offset)
+
+The server log from byte C<$offset> (take it with C<-s $node-E<gt>logfile>).
+
+=cut
+
+sub log_since
+{
+	my ($node, $offset) = @_;
+	return slurp_file($node->logfile, $offset);
+}
+
+=back
+
+=cut
+
+1;
