@@ -4,7 +4,7 @@
 #   make install      install into the server found by PG_CONFIG
 #   make test         install missing dependencies, build, install, run every test
 #   make demo         same bootstrap, then a throwaway local fleet on loopback
-#   make SANITIZE=1   ASan + UBSan build (load with LD_PRELOAD of libasan; see docs/operations.md)
+#   make SANITIZE=1   ASan + UBSan build (scripts/sanitize_check.sh runs the regression suite on it)
 #
 # `test` and `demo` work before the server headers exist: they live outside the PGXS include.
 
