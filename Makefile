@@ -20,21 +20,24 @@ SRCS = src/pg_peerpool.cpp \
        src/pg/guard.cpp \
        src/pool/conninfo.cpp \
        src/pool/node_config.cpp \
+       src/pool/connection.cpp \
+       src/pool/events.cpp \
+       src/pool/node.cpp \
        src/worker/pool_manager.cpp \
        src/worker/registry_sync.cpp \
        src/sql/install.cpp \
        src/sql/registry.cpp \
        src/sql/health.cpp \
+       src/sql/stats.cpp \
        src/sql/selftest.cpp
 OBJS = $(SRCS:.cpp=.o)
 
-REGRESS = install registry boundary privileges
+REGRESS = install registry pool boundary privileges
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=tmp_check_regress \
                --use-existing
 # The pool manager lives in peerpool.database (postgres): the tests run there too.
 override CONTRIB_TESTDB = postgres
 TAP_TESTS = 1
-PROVE_FLAGS ?= -I ./t
 
 ifneq ($(wildcard /usr/lib/postgresql/15/bin/pg_config),)
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
@@ -81,6 +84,9 @@ override CPPFLAGS := -I$(srcdir)/include -isystem $(includedir_server) \
                      $(filter-out -I$(includedir_server) -I$(includedir_internal),$(CPPFLAGS))
 
 -include $(OBJS:.o=.d)
+
+# TAP tests find their fleet helper (t/PeerpoolFleet.pm) without extra flags.
+PG_PROVE_FLAGS += -I ./t
 
 # pg_regress alone (the sanitizer run preloads libasan into the server through the environment).
 installcheck-sanitize:

@@ -29,7 +29,7 @@ as_test_user make -j2 PG_CONFIG="$PG_CONFIG"
 as_root make install PG_CONFIG="$PG_CONFIG" >/dev/null
 
 # pg_regress, then TAP (prove); the TAP output lists each test file's verdict.
-as_test_user make installcheck PG_CONFIG="$PG_CONFIG" PROVE_FLAGS="-I ./t --timer"
+as_test_user make installcheck PG_CONFIG="$PG_CONFIG" PROVE_FLAGS="--timer"
 
 # The same regression suite on the sanitizer build; the normal build is reinstalled after.
 bash "$SRC/scripts/sanitize_check.sh" "$WORK"

@@ -115,11 +115,73 @@ CREATE FUNCTION peerpool._node_health(
     OUT next_retry_at        timestamptz)
 RETURNS SETOF record
 LANGUAGE C
-STABLE
+VOLATILE
 AS 'MODULE_PATHNAME', 'peerpool_node_health';
 
 CREATE VIEW peerpool.node_health AS
 SELECT * FROM peerpool._node_health();
+
+-- Pool statistics (atomics in shared memory: reading never waits for the pool manager).
+CREATE FUNCTION peerpool.pool_stats(
+    OUT node_name        text,
+    OUT state            text,
+    OUT total            integer,
+    OUT active           integer,
+    OUT idle             integer,
+    OUT waiting          integer,
+    OUT created          bigint,
+    OUT closed           bigint,
+    OUT recycled         bigint,
+    OUT acquires         bigint,
+    OUT acquire_timeouts bigint,
+    OUT queries          bigint,
+    OUT errors           bigint,
+    OUT avg_query_ms     double precision)
+RETURNS SETOF record
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'peerpool_pool_stats';
+
+CREATE VIEW peerpool.pool_stats AS
+SELECT * FROM peerpool.pool_stats();
+
+CREATE FUNCTION peerpool.pool_reset_stats()
+RETURNS void
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'peerpool_pool_reset_stats';
+
+-- Recent state transitions, newest first (a ring of 1024 in shared memory).
+CREATE FUNCTION peerpool._events(
+    OUT at         timestamptz,
+    OUT node_name  text,
+    OUT from_state text,
+    OUT to_state   text,
+    OUT reason     text)
+RETURNS SETOF record
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'peerpool_events';
+
+CREATE VIEW peerpool.events AS
+SELECT * FROM peerpool._events();
+
+-- pool_check_health(): ask the pool manager for a check now, wait for it, return the rows.
+CREATE FUNCTION peerpool._request_check(node_name text)
+RETURNS void
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'peerpool_request_check';
+
+CREATE FUNCTION peerpool.pool_check_health(node_name text DEFAULT NULL)
+RETURNS SETOF peerpool.node_health
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT peerpool._request_check($1);
+    SELECT h.* FROM peerpool.node_health h WHERE $1 IS NULL OR h.node_name = $1
+     ORDER BY h.node_name;
+$$;
 
 -- Exercises the C/C++ boundary from SQL (regression tests). Superuser only, like everything.
 CREATE FUNCTION peerpool._boundary_selftest(mode text)
@@ -132,5 +194,8 @@ AS 'MODULE_PATHNAME', 'peerpool_boundary_selftest';
 -- monitoring (pg_monitor) reads the views.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA peerpool FROM PUBLIC;
 GRANT USAGE ON SCHEMA peerpool TO pg_monitor;
-GRANT SELECT ON peerpool.nodes, peerpool.node_health TO pg_monitor;
-GRANT EXECUTE ON FUNCTION peerpool._mask_conninfo(text), peerpool._node_health() TO pg_monitor;
+GRANT SELECT ON peerpool.nodes, peerpool.node_health, peerpool.pool_stats, peerpool.events
+   TO pg_monitor;
+GRANT EXECUTE ON FUNCTION peerpool._mask_conninfo(text), peerpool._node_health(),
+                          peerpool.pool_stats(), peerpool._events()
+   TO pg_monitor;

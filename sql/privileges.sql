@@ -35,12 +35,21 @@ SELECT * FROM peerpool._node_health();
 SELECT * FROM peerpool.node;
 SELECT * FROM peerpool.nodes;
 SELECT * FROM peerpool.node_health;
+SELECT * FROM peerpool.pool_stats;
+SELECT * FROM peerpool.events;
+SELECT peerpool.pool_reset_stats();
+SELECT * FROM peerpool.pool_check_health();
 RESET ROLE;
 
 -- pg_monitor reads the views, with the password masked, but not the table.
 SET ROLE peerpool_monitor;
 SELECT node_name, conninfo FROM peerpool.nodes;
 SELECT node_name FROM peerpool.node_health WHERE node_name = 'p1';
+SELECT count(*) >= 0 AS can_read FROM peerpool.pool_stats;
+SELECT count(*) >= 0 AS can_read FROM peerpool.pool_stats();
+SELECT count(*) >= 0 AS can_read FROM peerpool.events;
+SELECT peerpool.pool_reset_stats();
+SELECT * FROM peerpool.pool_check_health();
 SELECT * FROM peerpool.node;
 SELECT peerpool.pool_remove_node('p1');
 RESET ROLE;

@@ -43,6 +43,7 @@ SELECT peerpool.pool_add_node('n1', 'host=127.0.0.1 password secret');
 SELECT peerpool.pool_add_node('n1', 'host=127.0.0.1 password=x hunter2');
 SELECT peerpool.pool_add_node('n1', 'postgresql://u:hunter2@[::1/db');
 SELECT pg_temp.try($$SELECT peerpool.pool_add_node('n1', 'hots=127.0.0.1')$$) AS bad_keyword;
+SELECT pg_temp.try($$SELECT peerpool.pool_add_node('n1', '  ')$$) AS empty_conninfo;
 SELECT pg_temp.try($$SELECT peerpool.pool_add_node('n1', 'host=''unterminated')$$) AS unterminated;
 
 SELECT peerpool.pool_add_node('n1', 'host=127.0.0.1', min_connections => 5, max_connections => 2);
@@ -72,8 +73,9 @@ SELECT count(*) AS views_leaking_passwords FROM peerpool.nodes
 
 -- The pool manager mirrors committed changes into shared memory.
 SELECT pg_temp.wait_for_health('{n.3_x-y,n1,n2}');
-SELECT node_name, state IN ('disconnected', 'connecting') AS not_yet_connected, role,
-       consecutive_failures, retry_attempt
+-- Nothing listens at these addresses: no node serves; the disabled one is not even tried.
+SELECT node_name, state IN ('disconnected', 'connecting', 'unhealthy', 'reconnecting') AS not_serving,
+       CASE WHEN node_name = 'n2' THEN state END AS disabled_state
   FROM peerpool.node_health ORDER BY node_name;
 
 -- pool_alter_node: NULL keeps a value; validation sees the merged row.

@@ -58,6 +58,9 @@ static void ShmemStartup()
         shared->lock = &(GetNamedLWLockTranche(kTrancheName))->lock;
         pg_atomic_init_u64(&shared->registry_generation, 1);
         pg_atomic_init_u32(&shared->worker_procno_plus1, 0);
+        ConditionVariableInit(&shared->check_cv);
+        for (int i = 0; i < peerpool_max_nodes; i++)
+            InitNodeSlot(shared->nodes[i]);
         shared->loaded_generation = 0;
         shared->max_nodes = peerpool_max_nodes;
     }
@@ -77,6 +80,29 @@ void InstallShmemHooks()
 }
 
 SharedState *Shared() { return shared; }
+
+void InitNodeSlot(NodeSlot &slot)
+{
+    memset(static_cast<void *>(&slot), 0, sizeof(slot));
+    slot.latency_ms = -1;
+    slot.replication_lag_ms = -1;
+    slot.detected_role = NODE_ROLE_UNKNOWN;
+    for (pg_atomic_uint32 *g : {&slot.total, &slot.active, &slot.idle, &slot.waiting})
+        pg_atomic_init_u32(g, 0);
+    for (pg_atomic_uint64 *c : {&slot.created, &slot.closed, &slot.recycled, &slot.acquires,
+                                &slot.acquire_timeouts, &slot.queries, &slot.errors,
+                                &slot.query_time_us, &slot.check_requested,
+                                &slot.check_completed})
+        pg_atomic_init_u64(c, 0);
+}
+
+int FindNodeSlot(const SharedState &state, const char *name)
+{
+    for (int i = 0; i < state.max_nodes; i++)
+        if (state.nodes[i].in_use && strcmp(state.nodes[i].name, name) == 0)
+            return i;
+    return -1;
+}
 
 SharedState &RequireShared()
 {
@@ -161,6 +187,9 @@ static void RegistryXactCallback(XactEvent event, void *)
         }
         registry_changed_in_xact = false;
         break;
+    case XACT_EVENT_PREPARE:
+        // The change becomes visible at COMMIT PREPARED, in another session that runs none of
+        // our code: the pool manager's periodic recheck (10 s) applies it.
     case XACT_EVENT_ABORT:
     case XACT_EVENT_PARALLEL_ABORT:
         registry_changed_in_xact = false;

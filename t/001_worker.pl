@@ -14,10 +14,9 @@ use Time::HiRes qw(time);
 
 use PeerpoolFleet;
 
-# The states an enabled node may show. This issue's worker does not connect yet, so an
-# enabled node is "disconnected" (not started) or "connecting"; later issues that open
-# connections add the states their tests expect.
-my @ENABLED_STATES = qw(disconnected connecting);
+# The states an enabled node with a live peer may show while this test looks: not started yet,
+# opening its first connection, or serving. (Health transitions are 003_health.pl's subject.)
+my @ENABLED_STATES = qw(disconnected connecting healthy degraded);
 my $enabled_set    = join(', ', map { "'$_'" } @ENABLED_STATES);
 
 my $worker = $PeerpoolFleet::WORKER_TYPE;

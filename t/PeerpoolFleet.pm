@@ -360,6 +360,264 @@ sub log_since
 	return slurp_file($node->logfile, $offset);
 }
 
+=item psql_error($node, $sql, %opts)
+
+Run SQL that is expected to fail, with C<VERBOSITY verbose> so that stderr
+carries the SQLSTATE, detail, hint and context. Returns (psql exit code,
+stderr). C<dbname> option (default C<postgres>).
+
+=cut
+
+sub psql_error
+{
+	my ($node, $sql, %opts) = @_;
+	my ($out, $err) = ('', '');
+	my $ret = $node->psql($opts{dbname} // 'postgres',
+		"\\set VERBOSITY verbose\n$sql",
+		stdout => \$out,
+		stderr => \$err);
+	return ($ret, $err);
+}
+
+=item set_gucs($node, name => value, ...)
+
+C<ALTER SYSTEM SET> each setting (C<ALTER SYSTEM RESET> for an undef value),
+then C<pg_reload_conf()>. The reload is asynchronous: processes apply it when
+they next handle SIGHUP.
+
+=cut
+
+sub set_gucs
+{
+	my ($node, %gucs) = @_;
+	my $sql = '';
+	for my $name (sort keys %gucs)
+	{
+		$sql .= defined $gucs{$name}
+		  ? "ALTER SYSTEM SET $name = " . quote($gucs{$name}) . ";\n"
+		  : "ALTER SYSTEM RESET $name;\n";
+	}
+	$node->safe_psql('postgres', $sql . 'SELECT pg_reload_conf();');
+	return;
+}
+
+=item remote_sessions($peer, %opts) / remote_pids($peer, %opts)
+
+The number (resp. the sorted pids) of sessions on C<$peer> whose
+application_name is C<application_name> (default C<pg_peerpool>, the
+default of C<peerpool.application_name>): the pool manager's connections as the
+peer sees them.
+
+=cut
+
+sub remote_sessions
+{
+	my ($peer, %opts) = @_;
+	return $peer->safe_psql('postgres',
+		'SELECT count(*) FROM pg_stat_activity WHERE application_name = '
+		  . quote($opts{application_name} // 'pg_peerpool'));
+}
+
+sub remote_pids
+{
+	my ($peer, %opts) = @_;
+	my $out = $peer->safe_psql('postgres',
+		'SELECT pid FROM pg_stat_activity WHERE application_name = '
+		  . quote($opts{application_name} // 'pg_peerpool')
+		  . ' ORDER BY pid');
+	return grep { $_ ne '' } split /\n/, $out;
+}
+
+=item events($node, $node_name, %opts)
+
+The rows of peerpool.events for C<$node_name>, oldest first (the view lists the
+most recent first; its own order is kept, so events with equal timestamps stay in
+ring order). Each is a hashref with C<at> (text), C<at_epoch> (seconds since the
+Unix epoch, like Time::HiRes C<time>), C<from>, C<to> and C<reason>. Option
+C<since>: only events after this Time::HiRes time.
+
+=cut
+
+sub events
+{
+	my ($node, $node_name, %opts) = @_;
+	my $since =
+	  defined $opts{since}
+	  ? sprintf(' AND at > to_timestamp(%.6f)', $opts{since})
+	  : '';
+	my $out = $node->safe_psql(
+		$opts{dbname} // 'postgres',
+		sprintf(
+			q{SELECT n, extract(epoch FROM at), at, from_state, to_state, reason
+  FROM (SELECT row_number() OVER () AS n, e.* FROM peerpool.events e) s
+ WHERE node_name = %s%s
+ ORDER BY n DESC}, quote($node_name), $since));
+	my @events;
+	for my $line (split /\n/, $out)
+	{
+		next if $line eq '';
+		my (undef, $epoch, $at, $from, $to, $reason) = split /\|/, $line, 6;
+		push @events,
+		  {
+			at_epoch => $epoch + 0,
+			at       => $at,
+			from     => $from,
+			to       => $to,
+			reason   => $reason // ''
+		  };
+	}
+	return @events;
+}
+
+=item transitions(@events)
+
+The C<from-E<gt>to> strings of C<events> rows, for is_deeply.
+
+=cut
+
+sub transitions
+{
+	return map { "$_->{from}->$_->{to}" } @_;
+}
+
+=item watch_start($session, $query, $timeout_s) / watch_finish($session)
+
+Start polling C<$query> (a SELECT returning one boolean) inside the server in
+a C<session>, every millisecond, without waiting for it; do something (stop a
+peer...); then C<watch_finish> waits for the poll and returns the Time::HiRes
+time (server clock_timestamp, same host clock) at which the condition was first
+seen true, or undef after C<$timeout_s> (default $DEFAULT_TIMEOUT). The poll may
+start a little after C<watch_start> returns, which can only make a measured
+delay longer, never shorter.
+
+=cut
+
+sub watch_start
+{
+	my ($session, $query, $timeout) = @_;
+	$timeout //= $DEFAULT_TIMEOUT;
+	if (!$session->{peerpool_seen_at})
+	{
+		$session->query_safe(q{
+CREATE FUNCTION pg_temp.peerpool_seen_at(q text, timeout_s float8) RETURNS float8
+LANGUAGE plpgsql AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
+    done boolean;
+BEGIN
+    LOOP
+        EXECUTE q INTO done;
+        IF coalesce(done, false) THEN RETURN extract(epoch FROM clock_timestamp()); END IF;
+        IF clock_timestamp() > deadline THEN RETURN NULL; END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+END $$});
+		$session->{peerpool_seen_at} = 1;
+	}
+	my $out = $session->query_until(qr/peerpool_watch_started\r?\n/,
+		"\\echo peerpool_watch_started\n"
+		  . sprintf("SELECT pg_temp.peerpool_seen_at(%s, %s);\n", quote($query), $timeout));
+	$out =~ s/^.*peerpool_watch_started\r?\n//s;
+	$session->{peerpool_watch_out} = $out;
+	return;
+}
+
+sub watch_finish
+{
+	my ($session) = @_;
+	my $out = (delete $session->{peerpool_watch_out} // '') . $session->query('');
+	my ($seen) = grep { /\S/ } split /\r?\n/, $out;
+	return defined $seen ? $seen + 0 : undef;
+}
+
+=item child_pids($pid)
+
+The pids of the direct children of process C<$pid> (from /proc; Linux).
+
+=cut
+
+sub child_pids
+{
+	my ($ppid) = @_;
+	my @kids;
+	opendir(my $dh, '/proc') or croak "cannot read /proc: $!";
+	for my $pid (grep { /^\d+$/ } readdir $dh)
+	{
+		open(my $fh, '<', "/proc/$pid/stat") or next;
+		my $stat = <$fh> // '';
+		close $fh;
+		# pid (comm) state ppid ...; comm may contain spaces and parentheses.
+		push @kids, $pid if $stat =~ /\)\s+\S+\s+(\d+)\s/ && $1 == $ppid;
+	}
+	closedir $dh;
+	return sort { $a <=> $b } @kids;
+}
+
+=item freeze($node) / thaw(@pids)
+
+C<freeze> sends SIGSTOP to the postmaster of C<$node> (a cluster this test
+started), then to each of its children, so that the whole server is frozen but
+its sockets stay open (a peer that hangs without sending RST). Returns the pids
+it stopped; pass them to C<thaw> (SIGCONT). Tests should thaw in an END block
+too, so that a failed test does not leave a frozen server behind.
+
+=cut
+
+sub freeze
+{
+	my ($node) = @_;
+	my $postmaster = $node->{_pid};
+	croak 'node ' . $node->name . ' is not running' unless defined $postmaster;
+	kill('STOP', $postmaster) == 1 or croak "SIGSTOP $postmaster failed: $!";
+	# The postmaster is stopped, so it forks no new children while we list them.
+	my @kids = child_pids($postmaster);
+	kill('STOP', @kids) if @kids;
+	return ($postmaster, @kids);
+}
+
+sub thaw
+{
+	my @pids = @_;
+	kill('CONT', reverse @pids) if @pids;
+	return;
+}
+
+=item tcp_clients_to(@ports)
+
+The number of TCP sockets on this host (IPv4 and IPv6, from /proc/net) that
+are connecting or connected to one of C<@ports> as a client (remote port in
+C<@ports>, local port not), in one pass: a near-atomic count of the pool
+manager's connections to its peers, including those still being opened (the
+test framework's own psql sessions use Unix sockets).
+
+=cut
+
+sub tcp_clients_to
+{
+	my %want = map { $_ => 1 } @_;
+	my $n = 0;
+	for my $file ('/proc/net/tcp', '/proc/net/tcp6')
+	{
+		open(my $fh, '<', $file) or next;
+		my $text = do { local $/; <$fh> };
+		close $fh;
+		for my $line (split /\n/, $text)
+		{
+			my @f = split ' ', $line;
+			next unless @f > 3 && $f[1] =~ /:([0-9A-Fa-f]{4})$/;
+			my $lport = hex $1;
+			next unless $f[2] =~ /:([0-9A-Fa-f]{4})$/;
+			my $rport = hex $1;
+			# 01 ESTABLISHED, 02 SYN_SENT
+			$n++
+			  if $want{$rport}
+			  && !$want{$lport}
+			  && ($f[3] eq '01' || $f[3] eq '02');
+		}
+	}
+	return $n;
+}
+
 =back
 
 =cut

@@ -12,6 +12,7 @@ extern "C" {
 #include "postgres.h"
 #include "datatype/timestamp.h"
 #include "port/atomics.h"
+#include "storage/condition_variable.h"
 #include "storage/lwlock.h"
 }
 
@@ -19,6 +20,8 @@ namespace peerpool {
 
 constexpr int kNodeNameSize = 64; // 63 characters + NUL (SPEC section 2)
 constexpr int kErrorSize = 256;
+constexpr int kEventRingSize = 1024; // recent transitions kept for peerpool.events
+constexpr int kReasonSize = 256;
 
 enum NodeState : uint8 {
     NODE_STATE_DISCONNECTED,
@@ -40,6 +43,7 @@ enum NodeRole : uint8 {
 };
 
 const char *NodeStateName(NodeState state);
+
 const char *NodeRoleName(NodeRole role);
 
 struct NodeSlot {
@@ -66,6 +70,36 @@ struct NodeSlot {
     double replication_lag_ms; // < 0 = unknown / not a standby
     int32 retry_attempt;
     TimestampTz next_retry_at; // 0 = none
+
+    // Pool statistics (SPEC section 4, pool_stats). Written by the pool manager, read by
+    // anyone without the lock. Gauges:
+    pg_atomic_uint32 total;
+    pg_atomic_uint32 active;
+    pg_atomic_uint32 idle;
+    pg_atomic_uint32 waiting;
+    // Counters (pool_reset_stats() zeroes them):
+    pg_atomic_uint64 created;
+    pg_atomic_uint64 closed;
+    pg_atomic_uint64 recycled;
+    pg_atomic_uint64 acquires;
+    pg_atomic_uint64 acquire_timeouts;
+    pg_atomic_uint64 queries;
+    pg_atomic_uint64 errors;
+    pg_atomic_uint64 query_time_us;
+
+    // pool_check_health(): backends bump check_requested and wait on SharedState::check_cv
+    // until check_completed reaches their number.
+    pg_atomic_uint64 check_requested;
+    pg_atomic_uint64 check_completed;
+};
+
+// One state transition (peerpool.events).
+struct EventRecord {
+    TimestampTz at;
+    char node_name[kNodeNameSize];
+    NodeState from_state;
+    NodeState to_state;
+    char reason[kReasonSize];
 };
 
 struct SharedState {
@@ -78,13 +112,27 @@ struct SharedState {
     TimestampTz registry_loaded_at; // under lock
     bool extension_present; // under lock: the manager saw the extension in its database
 
-    // The pool manager's PGPROC number (-1 when not running) and pid, to set its latch.
+    // The pool manager's PGPROC number plus one (0 when not running) and pid, to set its latch.
     pg_atomic_uint32 worker_procno_plus1;
     pid_t worker_pid; // under lock
+
+    // Broadcast by the pool manager whenever a check completes (pool_check_health waits).
+    ConditionVariable check_cv;
+
+    // Ring of recent transitions, under lock. events_written counts every event ever written;
+    // the newest is at (events_written - 1) % kEventRingSize.
+    uint64 events_written;
+    EventRecord events[kEventRingSize];
 
     int max_nodes; // fixed at startup
     NodeSlot nodes[FLEXIBLE_ARRAY_MEMBER];
 };
+
+// Resets a slot to an empty, initialized state (atomics included). Caller holds the lock.
+void InitNodeSlot(NodeSlot &slot);
+
+// Finds the slot of a node by name; -1 if none. Caller holds the lock (any mode).
+int FindNodeSlot(const SharedState &state, const char *name);
 
 // The attached shared state, or nullptr when the library was not preloaded.
 SharedState *Shared();

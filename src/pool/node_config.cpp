@@ -33,6 +33,11 @@ NodeRole ParseRole(const std::string &role)
 void ValidateNodeConfig(const NodeConfig &config)
 {
     ValidateNodeName(config.name);
+    // libpq would read "" as "all defaults": the local server as the server's OS user.
+    if (config.conninfo.find_first_not_of(" \t\n\r") == std::string::npos)
+        throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "conninfo must not be empty",
+                    "An empty connection string would connect to the local server with "
+                    "libpq's defaults.");
     ParseConninfo(config.conninfo);
     if (config.max_connections < 1)
         throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "max_connections must be at least 1",

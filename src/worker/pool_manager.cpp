@@ -1,13 +1,21 @@
 // The pool manager background worker: registration, signals, and the event loop.
 //
-// One WaitEventSet over the latch and postmaster death. Committing backends bump
-// SharedState::registry_generation and set our latch (see shmem.cpp), so a registry change is
-// applied on the next wake, not on a timer. A slow safety-net recheck (kRecheckMs) catches what
+// One WaitEventSet over the latch, postmaster death and every libpq socket of every node; it is
+// rebuilt when the set of sockets (or what we wait for on them) changes. Each wake: apply
+// registry changes, feed ready sockets to their nodes, run every node's state machine, send
+// queued NOTIFYs, and sleep until the earliest deadline any node keeps. Nothing blocks on one
+// node. Committing backends bump SharedState::registry_generation and set our latch, so a
+// registry change applies on the next wake; a slow safety-net recheck (kRecheckMs) catches what
 // no trigger reports, such as DROP EXTENSION.
 #include "pg_peerpool/worker/pool_manager.hpp"
 
+#include <map>
+#include <memory>
+
 #include "pg_peerpool/guc.hpp"
 #include "pg_peerpool/pg/guard.hpp"
+#include "pg_peerpool/pool/events.hpp"
+#include "pg_peerpool/pool/node.hpp"
 #include "pg_peerpool/shmem.hpp"
 #include "pg_peerpool/worker/registry_sync.hpp"
 
@@ -17,6 +25,7 @@ extern "C" {
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -30,11 +39,12 @@ namespace peerpool {
 
 namespace {
 
-constexpr long kRecheckMs = 10000;      // safety-net registry recheck
+constexpr long kRecheckMs = 10000;        // safety-net registry recheck
 constexpr long kRetryAfterErrorMs = 1000; // after a failed registry load
+constexpr long kMaxSleepMs = 60000;
 
-// Set by our SIGTERM handler. We do not use die(): a graceful stop must let the loop drain and
-// close its connections (SPEC section 7) instead of exiting from inside CHECK_FOR_INTERRUPTS.
+// Set by our SIGTERM handler. We do not use die(): a graceful stop must let the loop close
+// its connections (SPEC section 7) instead of exiting from inside CHECK_FOR_INTERRUPTS.
 volatile sig_atomic_t shutdown_requested = false;
 
 void HandleSigterm(SIGNAL_ARGS)
@@ -52,6 +62,8 @@ void ForgetWorker(int, Datum)
     if (state != nullptr && MyProc != nullptr) {
         uint32 mine = static_cast<uint32>(MyProc->pgprocno) + 1;
         pg_atomic_compare_exchange_u32(&state->worker_procno_plus1, &mine, 0);
+        // Anyone waiting in pool_check_health() re-checks and sees the worker is gone.
+        ConditionVariableBroadcast(&state->check_cv);
     }
 }
 
@@ -60,18 +72,85 @@ void Log(int level, const std::string &message)
     pg::Call([&] { ereport(level, (errmsg_internal("pg_peerpool: %s", message.c_str()))); });
 }
 
-class PoolManager {
+class PoolManager final : public Fleet {
 public:
+    ~PoolManager() override;
     void Run();
+
+    bool ReserveConnection(const Node *requester, bool evict) override;
+    void ReleaseConnection() override;
+    uint64 NextConnectionId() override { return ++last_connection_id_; }
+    EventLog &events() override { return events_; }
 
 private:
     void SyncRegistryIfNeeded(TimestampTz now);
+    void ApplyRegistry(Registry registry, uint64 generation, TimestampTz now);
+    void RebuildWaitSetIfNeeded();
+    long SleepMs(TimestampTz now) const;
+    void DispatchEvents(const WaitEvent *fired, int count, TimestampTz now);
+    void Shutdown();
 
-    std::vector<NodeConfig> nodes_;
+    std::vector<NodeConfig> configs_;
+    std::map<std::string, std::unique_ptr<Node>> nodes_;
+    EventLog events_;
     uint64 loaded_generation_ = 0;
+    bool first_load_ = true;
     bool extension_present_ = false;
     TimestampTz next_recheck_ = 0;
+    uint64 last_connection_id_ = 0;
+    int total_connections_ = 0;
+
+    // The wait set and what it was built for; user_data of a socket event points into
+    // `registered_` (stable until the next rebuild).
+    struct Registered {
+        Node *node;
+        uint64 conn_id;
+        pgsocket socket;
+        uint32 events;
+    };
+    WaitEventSet *wait_set_ = nullptr;
+    std::vector<Registered> registered_;
 };
+
+PoolManager::~PoolManager()
+{
+    nodes_.clear(); // closes every connection
+    if (wait_set_ != nullptr)
+        FreeWaitEventSet(wait_set_); // only frees memory
+}
+
+bool PoolManager::ReserveConnection(const Node *requester, bool evict)
+{
+    if (peerpool_max_total_connections > 0 &&
+        total_connections_ >= peerpool_max_total_connections) {
+        if (!evict)
+            return false;
+        // The budget is spent: close the least recently used idle connection of any node.
+        Node *victim = nullptr;
+        TimestampTz victim_lru = 0;
+        for (auto &[name, node] : nodes_) {
+            TimestampTz lru = 0;
+            if (node.get() != requester && node->OldestIdle(lru) &&
+                (victim == nullptr || lru < victim_lru)) {
+                victim = node.get();
+                victim_lru = lru;
+            }
+        }
+        if (victim == nullptr || !victim->CloseOldestIdle())
+            return false;
+    }
+    // Each libpq socket counts against the process's file descriptor allowance.
+    if (!AcquireExternalFD())
+        return false;
+    total_connections_++;
+    return true;
+}
+
+void PoolManager::ReleaseConnection()
+{
+    total_connections_--;
+    ReleaseExternalFD();
+}
 
 void PoolManager::SyncRegistryIfNeeded(TimestampTz now)
 {
@@ -88,28 +167,132 @@ void PoolManager::SyncRegistryIfNeeded(TimestampTz now)
         next_recheck_ = TimestampTzPlusMilliseconds(now, kRetryAfterErrorMs);
         return;
     }
-
-    if (registry.extension_present != extension_present_)
+    if (first_load_ || registry.extension_present != extension_present_)
         Log(LOG, registry.extension_present
                      ? Format("extension found in database \"%s\", managing its nodes",
                               peerpool_database)
                      : Format("extension not installed in database \"%s\", waiting for "
                               "CREATE EXTENSION pg_peerpool",
                               peerpool_database));
+    first_load_ = false;
     extension_present_ = registry.extension_present;
-
-    RegistryDiff diff = DiffRegistry(nodes_, registry.nodes);
-    MirrorRegistry(registry, generation);
-    for (const NodeConfig &n : diff.added)
-        Log(LOG, Format("node \"%s\" registered", n.name.c_str()));
-    for (const NodeConfig &n : diff.changed)
-        Log(LOG, Format("node \"%s\" reconfigured", n.name.c_str()));
-    for (const std::string &name : diff.removed)
-        Log(LOG, Format("node \"%s\" removed", name.c_str()));
-
-    nodes_ = std::move(registry.nodes);
+    ApplyRegistry(std::move(registry), generation, GetCurrentTimestamp());
     loaded_generation_ = generation;
     next_recheck_ = TimestampTzPlusMilliseconds(now, kRecheckMs);
+}
+
+void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampTz now)
+{
+    RegistryDiff diff = DiffRegistry(configs_, registry.nodes);
+
+    // A name removed and re-added while it drained starts over.
+    for (const NodeConfig &n : diff.added) {
+        auto it = nodes_.find(n.name);
+        if (it != nodes_.end()) {
+            nodes_.erase(it);
+            FreeNodeSlot(n.name);
+        }
+    }
+    MirrorRegistry(registry, generation);
+
+    SharedState &state = RequireShared();
+    for (const NodeConfig &n : diff.added) {
+        // LWLockAcquire errors only when too many LWLocks are held (never here).
+        LWLockAcquire(state.lock, LW_SHARED);
+        int slot = FindNodeSlot(state, n.name.c_str());
+        LWLockRelease(state.lock);
+        if (slot < 0)
+            continue; // no free slot; MirrorRegistry warned
+        nodes_[n.name] = std::make_unique<Node>(*this, n, slot, now);
+    }
+    for (const NodeConfig &n : diff.changed) {
+        auto it = nodes_.find(n.name);
+        if (it != nodes_.end()) {
+            Log(LOG, Format("node \"%s\" reconfigured", n.name.c_str()));
+            it->second->Reconfigure(n, now);
+        }
+    }
+    for (const std::string &name : diff.removed) {
+        auto it = nodes_.find(name);
+        if (it != nodes_.end())
+            it->second->StartDraining(now);
+        else
+            FreeNodeSlot(name);
+    }
+    configs_ = std::move(registry.nodes);
+}
+
+void PoolManager::RebuildWaitSetIfNeeded()
+{
+    std::vector<Registered> wanted;
+    std::vector<Node::SocketInterest> interests;
+    for (auto &[name, node] : nodes_) {
+        interests.clear();
+        node->CollectSockets(interests);
+        for (const auto &i : interests)
+            wanted.push_back({node.get(), i.conn_id, i.socket, i.events});
+    }
+    bool same = wait_set_ != nullptr && wanted.size() == registered_.size();
+    for (size_t i = 0; same && i < wanted.size(); i++)
+        same = wanted[i].node == registered_[i].node && wanted[i].conn_id == registered_[i].conn_id &&
+               wanted[i].socket == registered_[i].socket && wanted[i].events == registered_[i].events;
+    if (same)
+        return;
+
+    registered_ = std::move(wanted);
+    WaitEventSet *old = wait_set_;
+    wait_set_ = nullptr;
+    Registered *entries = registered_.data();
+    size_t count = registered_.size();
+    wait_set_ = pg::Call([&] {
+        if (old != nullptr)
+            FreeWaitEventSet(old);
+        WaitEventSet *set = CreateWaitEventSet(TopMemoryContext, static_cast<int>(count) + 2);
+        AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, nullptr);
+        AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, nullptr, nullptr);
+        for (size_t i = 0; i < count; i++)
+            AddWaitEventToSet(set, entries[i].events, entries[i].socket, nullptr, &entries[i]);
+        return set;
+    });
+}
+
+long PoolManager::SleepMs(TimestampTz now) const
+{
+    TimestampTz wake = next_recheck_;
+    for (const auto &[name, node] : nodes_) {
+        TimestampTz t = node->NextWake();
+        if (t != 0 && t < wake)
+            wake = t;
+    }
+    long ms = TimestampDifferenceMilliseconds(now, wake);
+    if (wake > now && ms == 0)
+        ms = 1; // round sub-millisecond waits up rather than spin
+    return std::min(ms, kMaxSleepMs);
+}
+
+void PoolManager::DispatchEvents(const WaitEvent *fired, int count, TimestampTz now)
+{
+    for (int i = 0; i < count; i++) {
+        if (!(fired[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE)) ||
+            fired[i].user_data == nullptr)
+            continue;
+        auto *r = static_cast<Registered *>(fired[i].user_data);
+        // The connection may have been closed by an earlier event of this batch; the node
+        // looks it up by id and ignores it then.
+        r->node->OnSocketReady(r->conn_id, now);
+    }
+}
+
+void PoolManager::Shutdown()
+{
+    // Health checks are the only work in flight in the pool manager itself; nothing to wait
+    // for. Closing sends Terminate, so the peers end our sessions at once.
+    size_t closed = 0;
+    for (auto &[name, node] : nodes_) {
+        closed++;
+        node->CloseAll();
+    }
+    Log(LOG, Format("pool manager shutting down; closed the pools of %zu nodes", closed));
 }
 
 void PoolManager::Run()
@@ -122,15 +305,17 @@ void PoolManager::Run()
         LWLockRelease(state.lock);
         pg_atomic_write_u32(&state.worker_procno_plus1, static_cast<uint32>(MyProc->pgprocno) + 1);
     });
+    // A (re)started pool manager owns no connections: whatever a previous one published is
+    // stale. The registry is mirrored again on the first pass.
+    ClearNodeSlots();
 
-    WaitEventSet *events = pg::Call([] {
-        WaitEventSet *set = CreateWaitEventSet(TopMemoryContext, 2);
-        AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, nullptr);
-        AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, nullptr, nullptr);
-        return set;
+    MemoryContext scratch = pg::Call([] {
+        return AllocSetContextCreate(TopMemoryContext, "pg_peerpool loop scratch",
+                                     ALLOCSET_DEFAULT_SIZES);
     });
 
     Log(LOG, Format("pool manager started (database \"%s\")", peerpool_database));
+    std::vector<WaitEvent> fired(64);
     while (!shutdown_requested) {
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
@@ -140,17 +325,37 @@ void PoolManager::Run()
         TimestampTz now = GetCurrentTimestamp();
         SyncRegistryIfNeeded(now);
 
-        long timeout = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_recheck_);
-        WaitEvent fired[4];
-        pg::Call([&] {
-            WaitEventSetWait(events, timeout, fired, lengthof(fired), PG_WAIT_EXTENSION);
+        now = GetCurrentTimestamp();
+        for (auto &[name, node] : nodes_)
+            node->Manage(now);
+        for (auto it = nodes_.begin(); it != nodes_.end();) {
+            if (it->second->Drained()) {
+                std::string name = it->first;
+                it = nodes_.erase(it);
+                FreeNodeSlot(name);
+                Log(LOG, Format("node \"%s\" drained and removed", name.c_str()));
+            } else {
+                ++it;
+            }
+        }
+        events_.Flush();
+
+        RebuildWaitSetIfNeeded();
+        if (fired.size() < registered_.size() + 2)
+            fired.resize(registered_.size() + 2);
+        long timeout = SleepMs(GetCurrentTimestamp());
+        WaitEvent *events = fired.data();
+        int nfired = pg::Call([&] {
+            MemoryContextReset(scratch);
+            int n = WaitEventSetWait(wait_set_, timeout, events, static_cast<int>(fired.size()),
+                                     PG_WAIT_EXTENSION);
             ResetLatch(MyLatch);
             CHECK_FOR_INTERRUPTS();
+            return n;
         });
+        DispatchEvents(events, nfired, GetCurrentTimestamp());
     }
-
-    Log(LOG, "pool manager shutting down");
-    pg::Call([&] { FreeWaitEventSet(events); });
+    Shutdown();
 }
 
 } // namespace
@@ -183,5 +388,7 @@ void peerpool_pool_manager_main(Datum)
     peerpool::PendingError pending;
     if (!peerpool::CatchAll([] { peerpool::PoolManager().Run(); }, pending))
         pending.Raise();
-    proc_exit(0);
+    // Exit code 1 even after a clean stop: at server shutdown the postmaster restarts nothing,
+    // and after pg_terminate_backend() it restarts us -- the pools must not vanish for good.
+    proc_exit(1);
 }

@@ -9,6 +9,7 @@
 
 extern "C" {
 #include "access/xact.h"
+#include "storage/condition_variable.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "pgstat.h"
@@ -175,6 +176,7 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
     // Only lookups and plain stores under the lock: nothing here allocates, throws or
     // ereports (all containers are built before, logging happens after release).
     std::vector<bool> placed(registry.nodes.size(), false);
+    // LWLockAcquire can only fail when too many LWLocks are held; we hold none.
     LWLockAcquire(state.lock, LW_EXCLUSIVE);
     for (int i = 0; i < state.max_nodes; i++) {
         NodeSlot &slot = state.nodes[i];
@@ -182,14 +184,10 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
             continue;
         auto it = wanted.find(static_cast<const char *>(slot.name));
         if (it == wanted.end()) {
-            slot.in_use = false; // removed from the catalog
+            // Removed from the catalog: the pool manager drains the node and frees the slot.
             continue;
         }
         const NodeConfig &c = *it->second;
-        if (slot.enabled != c.enabled && !c.enabled) {
-            slot.state = NODE_STATE_DISCONNECTED; // disabled nodes are not connected
-            slot.state_since = now;
-        }
         slot.min_connections = c.min_connections;
         slot.max_connections = c.max_connections;
         slot.weight = c.weight;
@@ -205,7 +203,7 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
             NodeSlot &slot = state.nodes[i];
             if (slot.in_use)
                 continue;
-            memset(static_cast<void *>(&slot), 0, sizeof(slot));
+            InitNodeSlot(slot);
             slot.in_use = true;
             strlcpy(slot.name, c.name.c_str(), sizeof(slot.name));
             slot.min_connections = c.min_connections;
@@ -214,10 +212,7 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
             slot.configured_role = c.role;
             slot.enabled = c.enabled;
             slot.state = NODE_STATE_DISCONNECTED;
-            slot.detected_role = NODE_ROLE_UNKNOWN;
             slot.state_since = now;
-            slot.latency_ms = -1;
-            slot.replication_lag_ms = -1;
             placed[k] = true;
             break;
         }
@@ -226,6 +221,7 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
     state.registry_loaded_at = now;
     state.extension_present = registry.extension_present;
     LWLockRelease(state.lock);
+    ConditionVariableBroadcast(&state.check_cv); // pool_check_health() may wait for this load
 
     for (size_t k = 0; k < registry.nodes.size(); k++) {
         if (placed[k])
@@ -239,6 +235,25 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
                               errdetail("peerpool.max_nodes is %d.", state.max_nodes)));
         });
     return mirrored;
+}
+
+void FreeNodeSlot(const std::string &name)
+{
+    SharedState &state = RequireShared();
+    LWLockAcquire(state.lock, LW_EXCLUSIVE);
+    int i = FindNodeSlot(state, name.c_str());
+    if (i >= 0)
+        state.nodes[i].in_use = false;
+    LWLockRelease(state.lock);
+}
+
+void ClearNodeSlots()
+{
+    SharedState &state = RequireShared();
+    LWLockAcquire(state.lock, LW_EXCLUSIVE);
+    for (int i = 0; i < state.max_nodes; i++)
+        InitNodeSlot(state.nodes[i]);
+    LWLockRelease(state.lock);
 }
 
 } // namespace peerpool

@@ -29,8 +29,15 @@ RegistryDiff DiffRegistry(const std::vector<NodeConfig> &before,
                           const std::vector<NodeConfig> &after);
 
 // Mirrors the configuration into shared memory: claims slots for new nodes (state
-// disconnected), updates changed ones, frees removed ones. Nodes beyond peerpool.max_nodes
-// are skipped with a WARNING. Returns the names that got a slot.
+// disconnected) and updates changed ones. Slots of removed nodes stay until the pool manager
+// has drained them (FreeNodeSlot). Nodes beyond peerpool.max_nodes are skipped with a
+// WARNING. Returns the names that got a slot.
 std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generation);
+
+// Frees a drained node's slot.
+void FreeNodeSlot(const std::string &name);
+
+// Empties every slot (a starting pool manager owns no connections yet).
+void ClearNodeSlots();
 
 } // namespace peerpool

@@ -1,0 +1,104 @@
+// One non-blocking libpq connection to a node, driven by the pool manager's event loop.
+// Nothing here blocks: connections open with PQconnectStartParams/PQconnectPoll, queries go
+// out with PQsendQuery and come back through PQconsumeInput/PQisBusy/PQgetResult.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "libpq-fe.h"
+
+extern "C" {
+#include "postgres.h"
+#include "datatype/timestamp.h"
+}
+
+#include "pg_peerpool/pool/conninfo.hpp"
+
+namespace peerpool {
+
+enum ConnState {
+    CONN_STATE_CONNECTING, // PQconnectPoll in progress
+    CONN_STATE_IDLE,       // ready, in the pool
+    CONN_STATE_CHECKING,   // running a health check
+    CONN_STATE_BROKEN,     // failed; to be discarded
+};
+
+// What a finished query produced.
+struct QueryOutcome {
+    bool ok = false;
+    std::string error;    // when !ok (libpq's message, one line)
+    std::string sqlstate; // when the server sent one
+    std::vector<std::vector<std::string>> rows; // text values ("" for NULL, see nulls)
+    std::vector<std::vector<bool>> nulls;
+};
+
+class Connection {
+public:
+    // Starts connecting. On immediate failure returns a connection in CONN_STATE_BROKEN with
+    // error() set. Requires an external FD slot (AcquireExternalFD) already taken by caller.
+    Connection(uint64 id, const ConnOptions &options, TimestampTz now, TimestampTz deadline);
+    ~Connection();
+    Connection(const Connection &) = delete;
+    Connection &operator=(const Connection &) = delete;
+
+    uint64 id() const { return id_; }
+    ConnState state() const { return state_; }
+    pgsocket socket() const;
+    // WL_SOCKET_* events to wait for (0: none).
+    uint32 WaitEvents() const;
+
+    // Advances the connection after its socket fired (or a timer). Returns true when the
+    // state changed in a way the owner must look at (connected, broken, query finished).
+    bool OnSocketReady();
+
+    bool SendQuery(const std::string &sql, TimestampTz now, TimestampTz deadline);
+    // Valid once a query finished (state back to IDLE or BROKEN).
+    bool query_finished() const { return query_finished_; }
+    QueryOutcome TakeOutcome();
+
+    void MarkBroken(const std::string &why);
+    void MarkIdle(TimestampTz now);
+
+    const std::string &error() const { return error_; }
+    TimestampTz created_at() const { return created_at_; }
+    TimestampTz connected_at() const { return connected_at_; }
+    TimestampTz last_used() const { return last_used_; }
+    TimestampTz deadline() const { return deadline_; }
+    TimestampTz query_started() const { return query_started_; }
+    bool ever_connected() const { return connected_at_ != 0; }
+    bool recycle_requested = false; // close at the next return to the pool
+
+    // Notices the server sent; drained by the owner into the server log.
+    std::vector<std::string> TakeNotices();
+
+private:
+    static void NoticeReceiver(void *arg, const PGresult *res);
+    bool ReadResults();
+
+    uint64 id_;
+    PGconn *conn_ = nullptr;
+    ConnState state_ = CONN_STATE_CONNECTING;
+    PostgresPollingStatusType poll_ = PGRES_POLLING_WRITING;
+    bool flush_pending_ = false;
+    bool query_finished_ = false;
+    QueryOutcome outcome_;
+    std::string error_;
+    TimestampTz created_at_ = 0;
+    TimestampTz connected_at_ = 0;
+    TimestampTz last_used_ = 0;
+    TimestampTz deadline_ = 0;
+    TimestampTz query_started_ = 0;
+    std::vector<std::string> notices_;
+};
+
+// The options the pool manager connects with: the node's conninfo plus our defaults
+// (application_name, TCP keepalives, tcp_user_timeout) where the conninfo does not say.
+ConnOptions ConnectionOptions(const std::string &conninfo, const std::string &application_name,
+                              int tcp_user_timeout_ms);
+
+// libpq's message as one line without the trailing newline.
+std::string OneLine(const char *message);
+
+} // namespace peerpool

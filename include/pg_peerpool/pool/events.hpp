@@ -1,0 +1,33 @@
+// Node state transitions: every one goes to the shared-memory ring (peerpool.events), the
+// server log (LOG), and NOTIFY peerpool_events with a JSON payload (SPEC section 3).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "pg_peerpool/shmem.hpp"
+
+namespace peerpool {
+
+class EventLog {
+public:
+    // Records one transition. Ring and log at once; the NOTIFY waits for Flush().
+    void Record(const std::string &node, NodeState from, NodeState to, const std::string &reason,
+                TimestampTz at);
+
+    // Sends the queued notifications in one transaction. Failures are logged, not thrown.
+    void Flush();
+
+    bool HasPending() const { return !pending_.empty(); }
+
+private:
+    std::vector<std::string> pending_; // JSON payloads
+};
+
+// "2026-11-22T10:11:12.123456Z"
+std::string FormatTimestampUtc(TimestampTz at);
+
+// A JSON string literal (quotes included).
+std::string JsonString(const std::string &value);
+
+} // namespace peerpool

@@ -1,0 +1,139 @@
+// One peer node: its connection pool and its health state machine (SPEC sections 3 and 7).
+//
+// States (NodeState) and why a node moves between them:
+//   disconnected --enabled--> connecting --first good check--> healthy | degraded
+//   connecting --connect/check failed--> unhealthy --> reconnecting (backoff 1 s, 2 s, 4 s ... cap)
+//   healthy/degraded/transitioning --hard connection failure, or unhealthy_threshold
+//       consecutive failed checks--> unhealthy --> reconnecting
+//   reconnecting --attempt failed--> reconnecting (next retry, doubled delay)
+//   reconnecting --healthy_threshold good checks--> healthy | degraded
+//   healthy <--> degraded (smoothed latency / replay lag against the degraded thresholds)
+//   healthy/degraded --detected role changed--> transitioning --next check confirms--> healthy
+//   any --removed--> draining --> (slot freed);  any --disabled--> disconnected
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pg_peerpool/pool/connection.hpp"
+#include "pg_peerpool/pool/events.hpp"
+#include "pg_peerpool/pool/node_config.hpp"
+#include "pg_peerpool/shmem.hpp"
+
+namespace peerpool {
+
+class Node;
+
+// What a node needs from the pool manager that owns every node.
+class Fleet {
+public:
+    virtual ~Fleet() = default;
+    // Takes one connection from the fleet budget (max_total_connections and the process's
+    // external FD allowance). With `evict`, may close another node's least recently used idle
+    // connection to make room. Returns false when no room could be made.
+    virtual bool ReserveConnection(const Node *requester, bool evict) = 0;
+    virtual void ReleaseConnection() = 0;
+    virtual uint64 NextConnectionId() = 0;
+    virtual EventLog &events() = 0;
+};
+
+class Node {
+public:
+    // `slot` is the node's index in SharedState::nodes, claimed by MirrorRegistry.
+    Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now);
+    ~Node();
+
+    const std::string &name() const { return config_.name; }
+    NodeState state() const { return state_; }
+
+    void Reconfigure(const NodeConfig &config, TimestampTz now);
+    void StartDraining(TimestampTz now);
+    bool Drained() const { return state_ == NODE_STATE_DRAINING && conns_.empty(); }
+    // Closes every connection at once (shutdown).
+    void CloseAll();
+
+    // The state machine: timers, checks, pool upkeep. Called after every wake.
+    void Manage(TimestampTz now);
+    // A socket of ours fired.
+    void OnSocketReady(uint64 conn_id, TimestampTz now);
+    // Earliest time Manage must run again (0: nothing scheduled).
+    TimestampTz NextWake() const;
+
+    struct SocketInterest {
+        uint64 conn_id;
+        pgsocket socket;
+        uint32 events;
+    };
+    void CollectSockets(std::vector<SocketInterest> &out) const;
+
+    // For the fleet budget: the last use of this node's least recently used idle connection
+    // (false if none), and closing it.
+    bool OldestIdle(TimestampTz &lru) const;
+    bool CloseOldestIdle();
+
+    // Publishes health fields and pool gauges to the node's shared-memory slot.
+    void Publish() const;
+
+private:
+    enum CheckPhase { CHECK_NONE, CHECK_CONNECTING, CHECK_RUNNING };
+
+    bool Serving() const;
+    void Transition(NodeState to, const std::string &reason, TimestampTz now);
+    Connection *OpenConnection(TimestampTz now, bool for_check);
+    void CloseConnection(uint64 id, bool recycled);
+    Connection *FindConnection(uint64 id) const;
+    Connection *IdleConnection() const;
+    int ConnectionCount(ConnState state) const;
+
+    void StartCheck(TimestampTz now);
+    void RunCheckOn(Connection *conn, TimestampTz now);
+    void FinishCheck(const QueryOutcome &outcome, bool connection_lost, TimestampTz now);
+    // hard: a connection attempt failed (unhealthy at once). recheck_now: look again without
+    // waiting for the interval (the failure was a lost connection, not a slow node).
+    void CheckFailed(const std::string &error, const std::string &sqlstate, bool hard,
+                     bool recheck_now, TimestampTz now);
+    void CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, TimestampTz now);
+    void MarkUnhealthy(const std::string &reason, TimestampTz now);
+    void ScheduleRetry(const std::string &reason, TimestampTz now);
+    // Wakes pool_check_health() callers: those the finished check served, or (all) every one.
+    void CompleteCheckRequests(bool all);
+    NodeSlot &Slot() const;
+    void MaintainPool(TimestampTz now);
+    void HandleBrokenConnection(Connection *conn, TimestampTz now);
+    void LogNotices(Connection *conn);
+    long BackoffMs(int attempt) const;
+
+    Fleet &fleet_;
+    NodeConfig config_;
+    int slot_;
+    bool started_ = false; // has left disconnected at least once
+    std::vector<std::unique_ptr<Connection>> conns_;
+
+    NodeState state_ = NODE_STATE_DISCONNECTED;
+    NodeRole role_ = NODE_ROLE_UNKNOWN;
+    TimestampTz state_since_;
+
+    // Health check in flight.
+    CheckPhase check_phase_ = CHECK_NONE;
+    uint64 check_conn_ = 0;
+    TimestampTz check_started_ = 0;
+    TimestampTz check_deadline_ = 0;
+    TimestampTz next_check_at_ = 0;
+    uint64 check_request_target_ = 0; // pool_check_health number being served
+
+    int consecutive_failures_ = 0;
+    int good_checks_ = 0;
+    int retry_attempt_ = 0;
+    TimestampTz next_retry_at_ = 0;
+    TimestampTz drain_deadline_ = 0;
+
+    TimestampTz last_check_ = 0;
+    TimestampTz last_success_ = 0;
+    std::string last_error_;
+    std::string last_sqlstate_;
+    double latency_ms_ = -1;
+    double lag_ms_ = -1;
+};
+
+} // namespace peerpool

@@ -1,0 +1,269 @@
+// Non-blocking libpq connections for the pool manager's event loop.
+#include "pg_peerpool/pool/connection.hpp"
+
+#include <algorithm>
+
+#include "pg_peerpool/pg/guard.hpp"
+
+extern "C" {
+#include "storage/fd.h"
+#include "storage/latch.h"
+#include "utils/timestamp.h"
+}
+
+namespace peerpool {
+
+std::string OneLine(const char *message)
+{
+    std::string s = message ? message : "";
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' '))
+        s.pop_back();
+    std::string out;
+    for (char c : s) {
+        if (c == '\n' || c == '\t')
+            c = ' ';
+        if (c == ' ' && !out.empty() && out.back() == ' ')
+            continue;
+        out.push_back(c);
+    }
+    return out;
+}
+
+ConnOptions ConnectionOptions(const std::string &conninfo, const std::string &application_name,
+                              int tcp_user_timeout_ms)
+{
+    ConnOptions options = ParseConninfo(conninfo);
+    auto has = [&](const char *key) {
+        return std::any_of(options.begin(), options.end(),
+                           [&](const auto &kv) { return kv.first == key; });
+    };
+    if (!has("application_name") && !application_name.empty())
+        options.emplace_back("application_name", application_name);
+    // Dead peers that send nothing (no RST) must be found by the kernel too (SPEC section 3).
+    if (!has("keepalives"))
+        options.emplace_back("keepalives", "1");
+    if (!has("keepalives_idle"))
+        options.emplace_back("keepalives_idle", "10");
+    if (!has("keepalives_interval"))
+        options.emplace_back("keepalives_interval", "5");
+    if (!has("keepalives_count"))
+        options.emplace_back("keepalives_count", "3");
+    if (!has("tcp_user_timeout"))
+        options.emplace_back("tcp_user_timeout", std::to_string(tcp_user_timeout_ms));
+    return options;
+}
+
+Connection::Connection(uint64 id, const ConnOptions &options, TimestampTz now,
+                       TimestampTz deadline)
+    : id_(id), created_at_(now), last_used_(now), deadline_(deadline)
+{
+    std::vector<const char *> keys;
+    std::vector<const char *> values;
+    for (const auto &[k, v] : options) {
+        keys.push_back(k.c_str());
+        values.push_back(v.c_str());
+    }
+    keys.push_back(nullptr);
+    values.push_back(nullptr);
+    conn_ = PQconnectStartParams(keys.data(), values.data(), 0);
+    if (conn_ == nullptr) {
+        MarkBroken("out of memory");
+        return;
+    }
+    PQsetNoticeReceiver(conn_, &Connection::NoticeReceiver, this);
+    if (PQstatus(conn_) == CONNECTION_BAD)
+        MarkBroken(OneLine(PQerrorMessage(conn_)));
+}
+
+Connection::~Connection()
+{
+    // PQfinish on a non-blocking connection does not wait for the peer.
+    if (conn_ != nullptr)
+        PQfinish(conn_);
+}
+
+pgsocket Connection::socket() const { return conn_ ? PQsocket(conn_) : PGINVALID_SOCKET; }
+
+uint32 Connection::WaitEvents() const
+{
+    if (conn_ == nullptr || PQsocket(conn_) < 0)
+        return 0;
+    switch (state_) {
+    case CONN_STATE_CONNECTING:
+        return poll_ == PGRES_POLLING_READING ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE;
+    case CONN_STATE_IDLE:
+        return WL_SOCKET_READABLE; // a server closing on us (EOF, FATAL) is seen at once
+    case CONN_STATE_CHECKING:
+        return WL_SOCKET_READABLE | (flush_pending_ ? WL_SOCKET_WRITEABLE : 0);
+    case CONN_STATE_BROKEN:
+        return 0;
+    }
+    return 0;
+}
+
+void Connection::NoticeReceiver(void *arg, const PGresult *res)
+{
+    // Called from inside libpq: must not throw or ereport.
+    auto *self = static_cast<Connection *>(arg);
+    try {
+        if (self->notices_.size() < 100)
+            self->notices_.push_back(OneLine(PQresultErrorMessage(res)));
+    } catch (...) {
+    }
+}
+
+std::vector<std::string> Connection::TakeNotices()
+{
+    std::vector<std::string> out;
+    out.swap(notices_);
+    return out;
+}
+
+void Connection::MarkBroken(const std::string &why)
+{
+    state_ = CONN_STATE_BROKEN;
+    if (error_.empty())
+        error_ = why.empty() ? "connection lost" : why;
+}
+
+void Connection::MarkIdle(TimestampTz now)
+{
+    state_ = CONN_STATE_IDLE;
+    last_used_ = now;
+}
+
+bool Connection::OnSocketReady()
+{
+    if (conn_ == nullptr || state_ == CONN_STATE_BROKEN)
+        return false;
+    switch (state_) {
+    case CONN_STATE_CONNECTING: {
+        PostgresPollingStatusType before = poll_;
+        poll_ = PQconnectPoll(conn_);
+        if (poll_ == PGRES_POLLING_OK) {
+            if (PQsetnonblocking(conn_, 1) != 0) {
+                MarkBroken(OneLine(PQerrorMessage(conn_)));
+                return true;
+            }
+            state_ = CONN_STATE_IDLE;
+            connected_at_ = last_used_ = GetCurrentTimestamp();
+            return true;
+        }
+        if (poll_ == PGRES_POLLING_FAILED) {
+            MarkBroken(OneLine(PQerrorMessage(conn_)));
+            return true;
+        }
+        return poll_ != before; // the socket or direction may have changed
+    }
+    case CONN_STATE_IDLE:
+        if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) == CONNECTION_BAD) {
+            MarkBroken(OneLine(PQerrorMessage(conn_)));
+            return true;
+        }
+        while (PGnotify *n = PQnotifies(conn_))
+            PQfreemem(n);
+        return false;
+    case CONN_STATE_CHECKING: {
+        if (flush_pending_) {
+            int rc = PQflush(conn_);
+            if (rc < 0) {
+                MarkBroken(OneLine(PQerrorMessage(conn_)));
+                query_finished_ = true;
+                outcome_.ok = false;
+                outcome_.error = error_;
+                return true;
+            }
+            flush_pending_ = rc == 1;
+        }
+        if (PQconsumeInput(conn_) == 0) {
+            MarkBroken(OneLine(PQerrorMessage(conn_)));
+            query_finished_ = true;
+            outcome_.ok = false;
+            outcome_.error = error_;
+            return true;
+        }
+        return ReadResults();
+    }
+    case CONN_STATE_BROKEN:
+        return false;
+    }
+    return false;
+}
+
+// Drains every result that is ready. Returns true when the query is complete.
+bool Connection::ReadResults()
+{
+    while (!PQisBusy(conn_)) {
+        PGresult *res = PQgetResult(conn_);
+        if (res == nullptr) {
+            query_finished_ = true;
+            if (PQstatus(conn_) == CONNECTION_BAD) {
+                MarkBroken(OneLine(PQerrorMessage(conn_)));
+                if (outcome_.error.empty()) {
+                    outcome_.ok = false;
+                    outcome_.error = error_;
+                }
+            } else {
+                state_ = CONN_STATE_IDLE;
+                last_used_ = GetCurrentTimestamp();
+                // A connection left inside a transaction is not clean: discard it.
+                if (PQtransactionStatus(conn_) != PQTRANS_IDLE)
+                    MarkBroken("connection left inside a transaction");
+            }
+            return true;
+        }
+        std::unique_ptr<PGresult, decltype(&PQclear)> guard(res, &PQclear);
+        ExecStatusType status = PQresultStatus(res);
+        if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK) {
+            outcome_.ok = outcome_.error.empty();
+            int nrows = PQntuples(res), ncols = PQnfields(res);
+            for (int r = 0; r < nrows; r++) {
+                std::vector<std::string> row;
+                std::vector<bool> nulls;
+                for (int c = 0; c < ncols; c++) {
+                    nulls.push_back(PQgetisnull(res, r, c) != 0);
+                    row.emplace_back(PQgetvalue(res, r, c));
+                }
+                outcome_.rows.push_back(std::move(row));
+                outcome_.nulls.push_back(std::move(nulls));
+            }
+        } else {
+            outcome_.ok = false;
+            outcome_.error = OneLine(PQresultErrorMessage(res));
+            const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+            outcome_.sqlstate = state ? state : "";
+        }
+    }
+    return false;
+}
+
+bool Connection::SendQuery(const std::string &sql, TimestampTz now, TimestampTz deadline)
+{
+    outcome_ = QueryOutcome();
+    query_finished_ = false;
+    query_started_ = now;
+    deadline_ = deadline;
+    last_used_ = now;
+    if (PQsendQuery(conn_, sql.c_str()) == 0) {
+        MarkBroken(OneLine(PQerrorMessage(conn_)));
+        return false;
+    }
+    state_ = CONN_STATE_CHECKING;
+    int rc = PQflush(conn_);
+    if (rc < 0) {
+        MarkBroken(OneLine(PQerrorMessage(conn_)));
+        return false;
+    }
+    flush_pending_ = rc == 1;
+    return true;
+}
+
+QueryOutcome Connection::TakeOutcome()
+{
+    QueryOutcome out = std::move(outcome_);
+    outcome_ = QueryOutcome();
+    query_finished_ = false;
+    return out;
+}
+
+} // namespace peerpool

@@ -1,0 +1,692 @@
+// One node's pool and health state machine. See include/pg_peerpool/pool/node.hpp for the
+// states and transitions; every transition below carries its reason into peerpool.events.
+#include "pg_peerpool/pool/node.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "pg_peerpool/guc.hpp"
+#include "pg_peerpool/pg/guard.hpp"
+
+extern "C" {
+#include "common/pg_prng.h"
+#include "storage/condition_variable.h"
+#include "storage/fd.h"
+#include "utils/timestamp.h"
+}
+
+namespace peerpool {
+
+namespace {
+
+// One round trip answers: alive, role, and (on a standby) replay lag. Lag is 0 when everything
+// received has been replayed, else the age of the last replayed transaction.
+const char *kCheckSql =
+    "SELECT pg_catalog.pg_is_in_recovery(), "
+    "CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN NULL "
+    "WHEN pg_catalog.pg_last_wal_receive_lsn() IS NOT DISTINCT FROM "
+    "pg_catalog.pg_last_wal_replay_lsn() THEN 0 "
+    "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - "
+    "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
+
+constexpr int kTcpUserTimeoutMs = 10000;
+constexpr double kLatencySmoothing = 0.3; // weight of the newest sample in the moving average
+
+TimestampTz After(TimestampTz t, long ms) { return TimestampTzPlusMilliseconds(t, ms); }
+double MsBetween(TimestampTz from, TimestampTz to) { return static_cast<double>(to - from) / 1000.0; }
+
+SharedState &State() { return RequireShared(); }
+
+} // namespace
+
+Node::Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now)
+    : fleet_(fleet), config_(std::move(config)), slot_(slot), state_since_(now)
+{
+}
+
+Node::~Node() { CloseAll(); }
+
+NodeSlot &Node::Slot() const { return State().nodes[slot_]; }
+
+bool Node::Serving() const
+{
+    return state_ == NODE_STATE_HEALTHY || state_ == NODE_STATE_DEGRADED ||
+           state_ == NODE_STATE_TRANSITIONING;
+}
+
+void Node::Transition(NodeState to, const std::string &reason, TimestampTz now)
+{
+    NodeState from = state_;
+    state_ = to;
+    if (from != to)
+        state_since_ = now;
+    fleet_.events().Record(config_.name, from, to, reason, now);
+    Publish();
+}
+
+// ---- connections ---------------------------------------------------------------------------
+
+Connection *Node::OpenConnection(TimestampTz now, bool for_check)
+{
+    bool evict = for_check; // demand may evict another node's idle connection; upkeep may not
+    if (!fleet_.ReserveConnection(this, evict))
+        return nullptr;
+    ConnOptions options;
+    std::string invalid;
+    try {
+        options = ConnectionOptions(config_.conninfo, peerpool_application_name, kTcpUserTimeoutMs);
+    } catch (const Error &e) {
+        invalid = e.message() + (e.detail().empty() ? "" : ": " + e.detail());
+    }
+    auto conn = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now,
+                                             After(now, peerpool_connect_timeout));
+    if (!invalid.empty())
+        conn->MarkBroken(invalid);
+    Connection *raw = conn.get();
+    conns_.push_back(std::move(conn));
+    return raw;
+}
+
+void Node::CloseConnection(uint64 id, bool recycled)
+{
+    auto it = std::find_if(conns_.begin(), conns_.end(),
+                           [&](const auto &c) { return c->id() == id; });
+    if (it == conns_.end())
+        return;
+    if ((*it)->ever_connected()) {
+        pg_atomic_fetch_add_u64(&Slot().closed, 1);
+        if (recycled)
+            pg_atomic_fetch_add_u64(&Slot().recycled, 1);
+    }
+    if (check_phase_ != CHECK_NONE && check_conn_ == id)
+        check_phase_ = CHECK_NONE;
+    conns_.erase(it); // PQfinish
+    fleet_.ReleaseConnection();
+}
+
+void Node::CloseAll()
+{
+    while (!conns_.empty())
+        CloseConnection(conns_.back()->id(), false);
+    check_phase_ = CHECK_NONE;
+}
+
+Connection *Node::FindConnection(uint64 id) const
+{
+    for (const auto &c : conns_)
+        if (c->id() == id)
+            return c.get();
+    return nullptr;
+}
+
+Connection *Node::IdleConnection() const
+{
+    // Most recently used first: keeps the others idle long enough to be trimmed.
+    Connection *best = nullptr;
+    for (const auto &c : conns_)
+        if (c->state() == CONN_STATE_IDLE && !c->recycle_requested &&
+            (best == nullptr || c->last_used() > best->last_used()))
+            best = c.get();
+    return best;
+}
+
+int Node::ConnectionCount(ConnState state) const
+{
+    return static_cast<int>(std::count_if(conns_.begin(), conns_.end(),
+                                          [&](const auto &c) { return c->state() == state; }));
+}
+
+bool Node::OldestIdle(TimestampTz &lru) const
+{
+    bool found = false;
+    for (const auto &c : conns_)
+        if (c->state() == CONN_STATE_IDLE && (!found || c->last_used() < lru)) {
+            lru = c->last_used();
+            found = true;
+        }
+    return found;
+}
+
+bool Node::CloseOldestIdle()
+{
+    TimestampTz lru = 0;
+    if (!OldestIdle(lru))
+        return false;
+    for (const auto &c : conns_)
+        if (c->state() == CONN_STATE_IDLE && c->last_used() == lru) {
+            CloseConnection(c->id(), false);
+            return true;
+        }
+    return false;
+}
+
+void Node::LogNotices(Connection *conn)
+{
+    for (const std::string &notice : conn->TakeNotices())
+        pg::Call([&] {
+            ereport(LOG, (errmsg_internal("pg_peerpool: node \"%s\": remote notice: %s",
+                                          config_.name.c_str(), notice.c_str())));
+        });
+}
+
+// ---- configuration -------------------------------------------------------------------------
+
+void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
+{
+    bool conninfo_changed = config.conninfo != config_.conninfo;
+    bool was_enabled = config_.enabled;
+    config_ = config;
+
+    if (was_enabled && !config_.enabled) {
+        CloseAll();
+        retry_attempt_ = 0;
+        next_retry_at_ = 0;
+        consecutive_failures_ = 0;
+        Transition(NODE_STATE_DISCONNECTED, "node disabled", now);
+        return;
+    }
+    if (conninfo_changed) {
+        // New connection settings: no connection made with the old ones is handed out again.
+        std::vector<uint64> to_close;
+        for (const auto &c : conns_) {
+            if (c->state() == CONN_STATE_CHECKING)
+                c->recycle_requested = true;
+            else
+                to_close.push_back(c->id());
+        }
+        for (uint64 id : to_close)
+            CloseConnection(id, true);
+        next_check_at_ = now;
+        if (state_ == NODE_STATE_RECONNECTING)
+            next_retry_at_ = now;
+    }
+    // A lowered max_connections: trim idle connections above it now.
+    while (static_cast<int>(conns_.size()) > config_.max_connections && CloseOldestIdle()) {
+    }
+}
+
+void Node::StartDraining(TimestampTz now)
+{
+    drain_deadline_ = After(now, peerpool_drain_timeout);
+    Transition(NODE_STATE_DRAINING, "node removed", now);
+    // Health checks and idle or opening connections have nothing to finish.
+    std::vector<uint64> to_close;
+    for (const auto &c : conns_)
+        to_close.push_back(c->id());
+    for (uint64 id : to_close)
+        CloseConnection(id, false);
+    CompleteCheckRequests(true);
+}
+
+// ---- health checks -------------------------------------------------------------------------
+
+void Node::StartCheck(TimestampTz now)
+{
+    check_request_target_ = pg_atomic_read_u64(&Slot().check_requested);
+    check_started_ = now;
+    bool attempt = !Serving(); // connecting or reconnecting: connect + check
+    check_deadline_ = After(now, peerpool_health_check_timeout +
+                                     (attempt ? peerpool_connect_timeout : 0));
+    if (Connection *idle = IdleConnection()) {
+        RunCheckOn(idle, now);
+        return;
+    }
+    if (static_cast<int>(conns_.size()) >= config_.max_connections) {
+        // Every connection is busy: busy connections answering is life enough; look later.
+        next_check_at_ = After(now, peerpool_health_check_interval);
+        return;
+    }
+    Connection *conn = OpenConnection(now, true);
+    if (conn == nullptr) {
+        CheckFailed("no connection available within peerpool.max_total_connections", "", false,
+                    false, now);
+        return;
+    }
+    check_phase_ = CHECK_CONNECTING;
+    check_conn_ = conn->id();
+    if (conn->state() == CONN_STATE_BROKEN)
+        HandleBrokenConnection(conn, now);
+}
+
+void Node::RunCheckOn(Connection *conn, TimestampTz now)
+{
+    check_phase_ = CHECK_RUNNING;
+    check_conn_ = conn->id();
+    check_started_ = now;
+    if (!conn->SendQuery(kCheckSql, now, check_deadline_))
+        HandleBrokenConnection(conn, now);
+}
+
+void Node::FinishCheck(const QueryOutcome &outcome, bool connection_lost, TimestampTz now)
+{
+    double latency = MsBetween(check_started_, now);
+    if (!outcome.ok) {
+        CheckFailed((connection_lost ? "connection lost during health check: "
+                                     : "health check failed: ") +
+                        outcome.error,
+                    outcome.sqlstate, false, connection_lost, now);
+        return;
+    }
+    if (outcome.rows.size() != 1 || outcome.rows[0].size() != 2) {
+        CheckFailed("health check returned an unexpected result", "", false, false, now);
+        return;
+    }
+    bool in_recovery = outcome.rows[0][0] == "t";
+    double lag = outcome.nulls[0][1] ? -1 : std::atof(outcome.rows[0][1].c_str());
+    CheckSucceeded(in_recovery, lag, latency, now);
+}
+
+void Node::CheckFailed(const std::string &error, const std::string &sqlstate, bool hard,
+                       bool recheck_now, TimestampTz now)
+{
+    last_check_ = now;
+    last_error_ = error;
+    last_sqlstate_ = sqlstate;
+    consecutive_failures_++;
+    good_checks_ = 0;
+    CompleteCheckRequests(false);
+
+    switch (state_) {
+    case NODE_STATE_CONNECTING:
+        // The first connection failed: nothing to serve with.
+        CloseAll();
+        Transition(NODE_STATE_UNHEALTHY, error, now);
+        ScheduleRetry(error, now);
+        break;
+    case NODE_STATE_RECONNECTING:
+        ScheduleRetry(error, now);
+        break;
+    case NODE_STATE_HEALTHY:
+    case NODE_STATE_DEGRADED:
+    case NODE_STATE_TRANSITIONING:
+        if (hard) {
+            MarkUnhealthy(error, now);
+        } else if (consecutive_failures_ >= peerpool_unhealthy_threshold) {
+            MarkUnhealthy(Format("%d consecutive failed checks; last: %s", consecutive_failures_,
+                                 error.c_str()),
+                          now);
+        } else {
+            // Below the threshold: no transition (one slow check does not flap the node).
+            next_check_at_ = recheck_now ? now
+                                         : std::max(now, After(check_started_,
+                                                               peerpool_health_check_interval));
+            Publish();
+        }
+        break;
+    default:
+        Publish();
+        break;
+    }
+}
+
+void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, TimestampTz now)
+{
+    NodeRole detected = in_recovery ? NODE_ROLE_STANDBY : NODE_ROLE_PRIMARY;
+    latency_ms_ = latency_ms_ < 0 ? latency_ms
+                                  : (1 - kLatencySmoothing) * latency_ms_ +
+                                        kLatencySmoothing * latency_ms;
+    lag_ms_ = in_recovery ? std::max(lag_ms, 0.0) : -1;
+
+    // A check that answered too slowly, or from a standby too far behind, counts as failed.
+    if (peerpool_unhealthy_latency > 0 && latency_ms > peerpool_unhealthy_latency) {
+        CheckFailed(Format("check took %.0f ms, above peerpool.unhealthy_latency (%d ms)",
+                           latency_ms, peerpool_unhealthy_latency),
+                    "", false, false, now);
+        return;
+    }
+    if (in_recovery && peerpool_unhealthy_lag > 0 && lag_ms_ > peerpool_unhealthy_lag) {
+        CheckFailed(Format("replication lag %.0f ms, above peerpool.unhealthy_lag (%d ms)",
+                           lag_ms_, peerpool_unhealthy_lag),
+                    "", false, false, now);
+        return;
+    }
+
+    last_check_ = last_success_ = now;
+    consecutive_failures_ = 0;
+    next_check_at_ = std::max(now, After(check_started_, peerpool_health_check_interval));
+    CompleteCheckRequests(false);
+
+    std::string degraded_reason;
+    if (peerpool_degraded_latency > 0 && latency_ms_ > peerpool_degraded_latency)
+        degraded_reason = Format("smoothed latency %.1f ms above peerpool.degraded_latency (%d ms)",
+                                 latency_ms_, peerpool_degraded_latency);
+    else if (lag_ms_ >= 0 && peerpool_degraded_lag > 0 && lag_ms_ > peerpool_degraded_lag)
+        degraded_reason = Format("replication lag %.0f ms above peerpool.degraded_lag (%d ms)",
+                                 lag_ms_, peerpool_degraded_lag);
+    NodeState target = degraded_reason.empty() ? NODE_STATE_HEALTHY : NODE_STATE_DEGRADED;
+
+    switch (state_) {
+    case NODE_STATE_CONNECTING:
+    case NODE_STATE_RECONNECTING:
+        role_ = detected;
+        good_checks_++;
+        if (good_checks_ < peerpool_healthy_threshold) {
+            Publish(); // recovering: wait for healthy_threshold good checks in a row
+            break;
+        }
+        {
+            std::string reason =
+                state_ == NODE_STATE_CONNECTING
+                    ? Format("connected; %s detected", NodeRoleName(role_))
+                    : Format("recovered after %d failed attempts; %s detected", retry_attempt_,
+                             NodeRoleName(role_));
+            if (!degraded_reason.empty())
+                reason += "; " + degraded_reason;
+            retry_attempt_ = 0;
+            next_retry_at_ = 0;
+            Transition(target, reason, now);
+        }
+        break;
+    case NODE_STATE_TRANSITIONING:
+        if (detected == role_) {
+            Transition(target, Format("role %s confirmed", NodeRoleName(role_)), now);
+        } else {
+            NodeRole old = role_;
+            role_ = detected;
+            Transition(NODE_STATE_TRANSITIONING,
+                       Format("role changed again from %s to %s", NodeRoleName(old),
+                              NodeRoleName(detected)),
+                       now);
+        }
+        break;
+    case NODE_STATE_HEALTHY:
+    case NODE_STATE_DEGRADED:
+        if (role_ != NODE_ROLE_UNKNOWN && detected != role_) {
+            NodeRole old = role_;
+            role_ = detected;
+            // Route nothing new until the next check confirms the new role.
+            Transition(NODE_STATE_TRANSITIONING,
+                       Format("role changed from %s to %s", NodeRoleName(old),
+                              NodeRoleName(detected)),
+                       now);
+        } else if (target != state_) {
+            role_ = detected;
+            Transition(target,
+                       target == NODE_STATE_DEGRADED ? degraded_reason
+                                                     : "latency and replication lag back below "
+                                                       "the degraded thresholds",
+                       now);
+        } else {
+            role_ = detected;
+            Publish();
+        }
+        break;
+    default:
+        Publish();
+        break;
+    }
+}
+
+void Node::MarkUnhealthy(const std::string &reason, TimestampTz now)
+{
+    CloseAll(); // a node that failed its checks may hold stuck connections
+    retry_attempt_ = 0;
+    Transition(NODE_STATE_UNHEALTHY, reason, now);
+    ScheduleRetry(reason, now);
+}
+
+long Node::BackoffMs(int attempt) const
+{
+    long delay = peerpool_reconnect_backoff_initial;
+    for (int i = 1; i < attempt && delay < peerpool_reconnect_backoff_max; i++)
+        delay *= 2;
+    delay = std::min<long>(delay, peerpool_reconnect_backoff_max);
+    // Up to 10 % less, so a fleet that failed together does not retry in lockstep.
+    double jitter = pg_prng_double(&pg_global_prng_state) * 0.1;
+    return std::max<long>(1, static_cast<long>(static_cast<double>(delay) * (1.0 - jitter)));
+}
+
+void Node::ScheduleRetry(const std::string &reason, TimestampTz now)
+{
+    CloseAll();
+    good_checks_ = 0;
+    retry_attempt_++;
+    long delay = BackoffMs(retry_attempt_);
+    next_retry_at_ = After(now, delay);
+    if (state_ == NODE_STATE_RECONNECTING)
+        Transition(NODE_STATE_RECONNECTING,
+                   Format("retry %d in %ld ms after: %s", retry_attempt_, delay, reason.c_str()), now);
+    else
+        Transition(NODE_STATE_RECONNECTING, Format("retry %d in %ld ms", retry_attempt_, delay),
+                   now);
+}
+
+void Node::CompleteCheckRequests(bool all)
+{
+    NodeSlot &slot = Slot();
+    uint64 target = all ? pg_atomic_read_u64(&slot.check_requested) : check_request_target_;
+    if (target > pg_atomic_read_u64(&slot.check_completed)) {
+        Publish(); // the waiter reads node_health right after waking
+        pg_atomic_write_u64(&slot.check_completed, target);
+        ConditionVariableBroadcast(&State().check_cv);
+    }
+}
+
+// ---- events from the loop ------------------------------------------------------------------
+
+void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
+{
+    bool never_connected = !conn->ever_connected();
+    bool was_check = check_phase_ != CHECK_NONE && check_conn_ == conn->id();
+    std::string error = conn->error();
+    LogNotices(conn);
+    CloseConnection(conn->id(), false);
+
+    if (state_ == NODE_STATE_DRAINING || state_ == NODE_STATE_DISCONNECTED)
+        return;
+    if (never_connected) {
+        // A connection attempt failed (refused, authentication, timeout): a hard failure.
+        last_sqlstate_.clear();
+        if (was_check || Serving())
+            CheckFailed("could not connect: " + error, "", true, false, now);
+        return;
+    }
+    if (was_check) {
+        // The check's connection broke under it: count it, and look again at once.
+        CheckFailed("connection lost during health check: " + error, "", false, true, now);
+        return;
+    }
+    // An idle pooled connection broke (RST, EOF, FATAL): look at the node now.
+    if (Serving() && check_phase_ == CHECK_NONE)
+        next_check_at_ = now;
+}
+
+void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
+{
+    Connection *conn = FindConnection(conn_id);
+    if (conn == nullptr)
+        return;
+    ConnState before = conn->state();
+    bool changed = conn->OnSocketReady();
+    LogNotices(conn);
+    if (!changed)
+        return;
+    if (conn->state() == CONN_STATE_BROKEN && !conn->query_finished()) {
+        HandleBrokenConnection(conn, now);
+        return;
+    }
+    if (before == CONN_STATE_CONNECTING && conn->state() == CONN_STATE_IDLE) {
+        pg_atomic_fetch_add_u64(&Slot().created, 1);
+        if (check_phase_ == CHECK_CONNECTING && check_conn_ == conn_id)
+            RunCheckOn(conn, now);
+        return;
+    }
+    if (check_phase_ == CHECK_RUNNING && check_conn_ == conn_id && conn->query_finished()) {
+        QueryOutcome outcome = conn->TakeOutcome();
+        check_phase_ = CHECK_NONE;
+        bool lost = conn->state() == CONN_STATE_BROKEN && !outcome.ok;
+        if (conn->state() == CONN_STATE_BROKEN) {
+            // Finished, but the connection is unusable (lost, or left in a transaction).
+            CloseConnection(conn_id, false);
+        } else if (conn->recycle_requested) {
+            CloseConnection(conn_id, true);
+        }
+        FinishCheck(outcome, lost, now);
+    }
+}
+
+// ---- the state machine ---------------------------------------------------------------------
+
+void Node::MaintainPool(TimestampTz now)
+{
+    // Replace connections past max_lifetime between uses.
+    if (peerpool_max_lifetime > 0) {
+        std::vector<uint64> old;
+        for (const auto &c : conns_)
+            if (c->state() == CONN_STATE_IDLE &&
+                now >= After(c->connected_at(), peerpool_max_lifetime))
+                old.push_back(c->id());
+        for (uint64 id : old)
+            CloseConnection(id, true);
+    }
+    // Close idle connections above min_connections once idle_timeout passed.
+    while (peerpool_idle_timeout > 0 &&
+           static_cast<int>(conns_.size()) > config_.min_connections) {
+        TimestampTz lru = 0;
+        if (!OldestIdle(lru) || now < After(lru, peerpool_idle_timeout))
+            break;
+        CloseOldestIdle();
+    }
+    // Keep min_connections warm (never by evicting other nodes' connections).
+    while (Serving() && static_cast<int>(conns_.size()) < config_.min_connections) {
+        Connection *conn = OpenConnection(now, false);
+        if (conn == nullptr)
+            break;
+        if (conn->state() == CONN_STATE_BROKEN) {
+            HandleBrokenConnection(conn, now);
+            break;
+        }
+    }
+}
+
+void Node::Manage(TimestampTz now)
+{
+    // Connection attempts past connect_timeout.
+    for (const auto &c : conns_)
+        if (c->state() == CONN_STATE_CONNECTING && now >= c->deadline())
+            c->MarkBroken(Format("timeout expired after %d ms", peerpool_connect_timeout));
+    for (;;) {
+        auto it = std::find_if(conns_.begin(), conns_.end(), [](const auto &c) {
+            return c->state() == CONN_STATE_BROKEN && !c->query_finished();
+        });
+        if (it == conns_.end())
+            break;
+        HandleBrokenConnection(it->get(), now);
+    }
+
+    // A check past its deadline: its connection is stuck, discard it.
+    if (check_phase_ != CHECK_NONE && now >= check_deadline_) {
+        CloseConnection(check_conn_, false);
+        check_phase_ = CHECK_NONE;
+        CheckFailed(Format("health check timed out after %.0f ms", MsBetween(check_started_, now)),
+                    "", false, false, now);
+    }
+
+    bool requested = pg_atomic_read_u64(&Slot().check_requested) >
+                     pg_atomic_read_u64(&Slot().check_completed);
+
+    switch (state_) {
+    case NODE_STATE_DISCONNECTED:
+        if (config_.enabled) {
+            Transition(NODE_STATE_CONNECTING, started_ ? "node enabled" : "node registered", now);
+            started_ = true;
+            StartCheck(now);
+        } else {
+            CompleteCheckRequests(true); // nothing to check on a disabled node
+        }
+        break;
+    case NODE_STATE_CONNECTING:
+        if (check_phase_ == CHECK_NONE && (now >= next_check_at_ || requested))
+            StartCheck(now);
+        break;
+    case NODE_STATE_RECONNECTING:
+        if (check_phase_ == CHECK_NONE) {
+            TimestampTz due = good_checks_ > 0 ? next_check_at_ : next_retry_at_;
+            if (now >= due || requested)
+                StartCheck(now);
+        }
+        break;
+    case NODE_STATE_HEALTHY:
+    case NODE_STATE_DEGRADED:
+    case NODE_STATE_TRANSITIONING:
+        if (check_phase_ == CHECK_NONE && (now >= next_check_at_ || requested))
+            StartCheck(now);
+        if (Serving())
+            MaintainPool(now);
+        break;
+    case NODE_STATE_UNHEALTHY:
+        ScheduleRetry(last_error_, now); // not a resting state
+        break;
+    case NODE_STATE_DRAINING:
+        if (now >= drain_deadline_)
+            CloseAll();
+        CompleteCheckRequests(true);
+        break;
+    }
+    Publish();
+}
+
+TimestampTz Node::NextWake() const
+{
+    TimestampTz wake = 0;
+    auto consider = [&](TimestampTz t) {
+        if (t != 0 && (wake == 0 || t < wake))
+            wake = t;
+    };
+    for (const auto &c : conns_) {
+        if (c->state() == CONN_STATE_CONNECTING)
+            consider(c->deadline());
+        if (c->state() == CONN_STATE_IDLE) {
+            if (peerpool_max_lifetime > 0)
+                consider(After(c->connected_at(), peerpool_max_lifetime));
+            if (peerpool_idle_timeout > 0 &&
+                static_cast<int>(conns_.size()) > config_.min_connections)
+                consider(After(c->last_used(), peerpool_idle_timeout));
+        }
+    }
+    if (check_phase_ != CHECK_NONE)
+        consider(check_deadline_);
+    else if (Serving() || state_ == NODE_STATE_CONNECTING)
+        consider(next_check_at_);
+    else if (state_ == NODE_STATE_RECONNECTING)
+        consider(good_checks_ > 0 ? next_check_at_ : next_retry_at_);
+    if (state_ == NODE_STATE_DRAINING)
+        consider(drain_deadline_);
+    return wake;
+}
+
+void Node::CollectSockets(std::vector<SocketInterest> &out) const
+{
+    for (const auto &c : conns_) {
+        uint32 events = c->WaitEvents();
+        if (events != 0)
+            out.push_back({c->id(), c->socket(), events});
+    }
+}
+
+void Node::Publish() const
+{
+    NodeSlot &slot = Slot();
+    LWLockAcquire(State().lock, LW_EXCLUSIVE);
+    slot.state = state_;
+    slot.detected_role = role_;
+    slot.state_since = state_since_;
+    slot.last_check = last_check_;
+    slot.last_success = last_success_;
+    slot.consecutive_failures = consecutive_failures_;
+    strlcpy(slot.last_error, last_error_.c_str(), sizeof(slot.last_error));
+    strlcpy(slot.last_sqlstate, last_sqlstate_.c_str(), sizeof(slot.last_sqlstate));
+    slot.latency_ms = latency_ms_;
+    slot.replication_lag_ms = lag_ms_;
+    slot.retry_attempt = retry_attempt_;
+    slot.next_retry_at = state_ == NODE_STATE_RECONNECTING && good_checks_ == 0 ? next_retry_at_ : 0;
+    LWLockRelease(State().lock);
+
+    int active = ConnectionCount(CONN_STATE_CHECKING);
+    int idle = ConnectionCount(CONN_STATE_IDLE);
+    pg_atomic_write_u32(&slot.total, static_cast<uint32>(conns_.size()));
+    pg_atomic_write_u32(&slot.active, static_cast<uint32>(active));
+    pg_atomic_write_u32(&slot.idle, static_cast<uint32>(idle));
+}
+
+} // namespace peerpool
