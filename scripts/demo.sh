@@ -26,11 +26,13 @@ cleanup() {
 trap cleanup EXIT
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-next_port=55400
-free_port() {
-    while ! port_free "$next_port"; do next_port=$((next_port + 1)); done
-    echo "$next_port"; next_port=$((next_port + 1))
-}
+# Three free loopback ports (no subshells: the search must remember where it stopped).
+PORTS=()
+candidate=55400
+while [ ${#PORTS[@]} -lt 3 ]; do
+    port_free "$candidate" && PORTS+=("$candidate")
+    candidate=$((candidate + 1))
+done
 
 start_server() { # name port extra-conf
     local d=$DIR/$1
@@ -42,14 +44,17 @@ unix_socket_directories = '$DIR'
 logging_collector = off
 $3
 CONF
-    as_test_user "$PG_BINDIR/pg_ctl" -D "$d" -l "$DIR/$1.log" -w start >/dev/null
+    if ! as_test_user "$PG_BINDIR/pg_ctl" -D "$d" -l "$DIR/$1.log" -w start >/dev/null; then
+        echo "demo: $1 did not start:"; tail -n 20 "$DIR/$1.log"; return 1
+    fi
     STARTED+=("$d")
     echo "demo: started $1 on 127.0.0.1:$2"
 }
 
-COORD_PORT=$(free_port); PEER1_PORT=$(free_port); PEER2_PORT=$(free_port)
+COORD_PORT=${PORTS[0]}; PEER1_PORT=${PORTS[1]}; PEER2_PORT=${PORTS[2]}
 start_server coordinator "$COORD_PORT" "shared_preload_libraries = 'pg_peerpool'
-peerpool.health_check_interval = '1s'"
+peerpool.health_check_interval = '1s'
+peerpool.reconnect_backoff_initial = '250ms'"
 start_server peer1 "$PEER1_PORT" ""
 start_server peer2 "$PEER2_PORT" ""
 
@@ -61,16 +66,32 @@ SELECT peerpool.pool_add_node('peer1', 'host=127.0.0.1 port=$PEER1_PORT dbname=p
 SELECT peerpool.pool_add_node('peer2', 'host=127.0.0.1 port=$PEER2_PORT dbname=postgres user=$TEST_USER password=not-shown', max_connections => 4);
 SQL
 
-# Wait (bounded) until the pool manager has mirrored both nodes into shared memory.
-for _ in $(seq 1 100); do
-    n=$(psql_c -At -c "SELECT count(*) FROM peerpool.node_health")
-    [ "$n" = 2 ] && break
-    sleep 0.05
-done
+# Wait (bounded) until both nodes are healthy.
+wait_for() { # sql-returning-boolean
+    for _ in $(seq 1 200); do
+        [ "$(psql_c -At -c "$1")" = t ] && return 0
+        sleep 0.05
+    done
+    echo "demo: timed out waiting for: $1"; return 1
+}
+wait_for "SELECT count(*) = 2 FROM peerpool.node_health WHERE state = 'healthy'"
 
 echo; echo "== peerpool.nodes (configuration; passwords masked)"
 psql_c -c "SELECT * FROM peerpool.nodes ORDER BY node_name"
 echo "== peerpool.node_health (live state from shared memory)"
-psql_c -c "SELECT node_name, state, role, state_since, consecutive_failures FROM peerpool.node_health ORDER BY node_name"
-echo "== the pool manager"
+psql_c -c "SELECT node_name, state, role, round(latency_ms::numeric, 2) AS latency_ms, consecutive_failures, last_check FROM peerpool.node_health ORDER BY node_name"
+echo "== peerpool.pool_stats"
+psql_c -c "SELECT node_name, state, total, active, idle, created, closed FROM peerpool.pool_stats ORDER BY node_name"
+echo "== the pool manager, and its sessions on peer1"
 psql_c -c "SELECT pid, backend_type, datname FROM pg_stat_activity WHERE backend_type = 'pg_peerpool pool manager'"
+as_test_user "$PG_BINDIR/psql" -X -q -h 127.0.0.1 -p "$PEER1_PORT" -d postgres \
+    -c "SELECT pid, application_name, state FROM pg_stat_activity WHERE application_name = 'pg_peerpool'"
+
+echo "== a transition: stopping peer2 in immediate mode, then starting it again"
+as_test_user "$PG_BINDIR/pg_ctl" -D "$DIR/peer2" -m immediate stop >/dev/null
+wait_for "SELECT state <> 'healthy' FROM peerpool.node_health WHERE node_name = 'peer2'"
+psql_c -c "SELECT node_name, state, retry_attempt, next_retry_at, last_error FROM peerpool.node_health WHERE node_name = 'peer2'"
+as_test_user "$PG_BINDIR/pg_ctl" -D "$DIR/peer2" -l "$DIR/peer2.log" -w start >/dev/null
+wait_for "SELECT state = 'healthy' FROM peerpool.node_health WHERE node_name = 'peer2'"
+echo "== peerpool.events for peer2 (newest first)"
+psql_c -c "SELECT at, from_state, to_state, left(reason, 90) AS reason FROM peerpool.events WHERE node_name = 'peer2'"
