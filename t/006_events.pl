@@ -168,9 +168,9 @@ is_deeply(
 	[ map { "$_->{from}->$_->{to}: $_->{reason}" } @ev ],
 	[ map { "$_->{from}->$_->{to}: $_->{reason}" } @n ],
 	'peerpool.events holds the notified transitions, in order, with the same reasons');
+my $ev_ats = join(',', map { PeerpoolFleet::quote($_->{at}) . '::timestamptz' } @ev);
 is( $coord->safe_psql('postgres',
-		"SELECT count(*) FROM peerpool.events e JOIN unnest(ARRAY[$ats]) AS u(a) ON e.at = u.a"
-		  . " WHERE e.node_name = '$name'"),
+		"SELECT count(*) FROM unnest(ARRAY[$ats], ARRAY[$ev_ats]) AS u(n, e) WHERE n = e"),
 	scalar(@n), "each notification's 'at' is the time of its event row");
 
 # ---------------------------------------------------------------------------------------
