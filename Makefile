@@ -23,16 +23,21 @@ SRCS = src/pg_peerpool.cpp \
        src/pool/connection.cpp \
        src/pool/events.cpp \
        src/pool/node.cpp \
+       src/pool/protocol.cpp \
+       src/pool/routing.cpp \
        src/worker/pool_manager.cpp \
        src/worker/registry_sync.cpp \
+       src/worker/request.cpp \
        src/sql/install.cpp \
        src/sql/registry.cpp \
        src/sql/health.cpp \
        src/sql/stats.cpp \
+       src/sql/channel.cpp \
+       src/sql/query.cpp \
        src/sql/selftest.cpp
 OBJS = $(SRCS:.cpp=.o)
 
-REGRESS = install registry pool boundary privileges
+REGRESS = install registry pool query boundary privileges
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=tmp_check_regress \
                --use-existing
 # The pool manager lives in peerpool.database (postgres): the tests run there too.

@@ -183,6 +183,27 @@ AS $$
      ORDER BY h.node_name;
 $$;
 
+-- Running SQL on nodes (SPEC section 5). Not SECURITY DEFINER: the caller needs EXECUTE,
+-- granted explicitly, because these run SQL as each node's configured remote user.
+CREATE FUNCTION peerpool.parallel_query(
+    sql        text,
+    nodes      text[]  DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL)
+RETURNS TABLE(node_name text, success boolean, result jsonb, error text,
+              elapsed_ms double precision)
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'parallel_query';
+
+CREATE FUNCTION peerpool.pool_query(
+    sql        text,
+    target     text    DEFAULT 'read',
+    timeout_ms integer DEFAULT NULL)
+RETURNS SETOF record
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'pool_query';
+
 -- Exercises the C/C++ boundary from SQL (regression tests). Superuser only, like everything.
 CREATE FUNCTION peerpool._boundary_selftest(mode text)
 RETURNS bigint

@@ -10,6 +10,9 @@ extern "C" {
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
+#include "storage/spin.h"
+#include "postmaster/autovacuum.h"
+#include "replication/walsender.h"
 }
 
 namespace peerpool {
@@ -21,6 +24,29 @@ static shmem_request_hook_type prev_shmem_request_hook = nullptr;
 #endif
 
 static const char *kTrancheName = "pg_peerpool";
+static char *request_slots = nullptr;
+static int num_request_slots = 0;
+
+static Size RequestSlotStride()
+{
+    return MAXALIGN(sizeof(RequestSlot)) + kRequestQueueSize + kResponseQueueSize;
+}
+
+// Backends and background workers have PGPROC numbers below MaxBackends, which PostgreSQL 15
+// computes before shmem_request_hook; older releases request space in _PG_init, before it.
+static int RequestSlotCount()
+{
+#if PG_VERSION_NUM >= 150000
+    return MaxBackends;
+#else
+    return MaxConnections + autovacuum_max_workers + 1 + max_worker_processes + max_wal_senders;
+#endif
+}
+
+static Size RequestSlotsSize()
+{
+    return mul_size(RequestSlotStride(), static_cast<Size>(RequestSlotCount()));
+}
 
 static Size SharedSize()
 {
@@ -31,6 +57,7 @@ static Size SharedSize()
 static void RequestShmem()
 {
     RequestAddinShmemSpace(SharedSize());
+    RequestAddinShmemSpace(RequestSlotsSize());
     RequestNamedLWLockTranche(kTrancheName, 1);
 }
 
@@ -63,6 +90,19 @@ static void ShmemStartup()
             InitNodeSlot(shared->nodes[i]);
         shared->loaded_generation = 0;
         shared->max_nodes = peerpool_max_nodes;
+        pg_atomic_init_u32(&shared->worker_generation, 0);
+        pg_atomic_init_u64(&shared->request_events, 0);
+    }
+    request_slots = static_cast<char *>(
+        ShmemInitStruct("pg_peerpool requests", RequestSlotsSize(), &found));
+    num_request_slots = RequestSlotCount();
+    if (!found) {
+        for (int i = 0; i < num_request_slots; i++) {
+            RequestSlot *slot = GetRequestSlot(i);
+            memset(static_cast<void *>(slot), 0, sizeof(RequestSlot));
+            SpinLockInit(&slot->mutex);
+            slot->state = REQUEST_SLOT_FREE;
+        }
     }
     LWLockRelease(AddinShmemInitLock);
 }
@@ -80,6 +120,25 @@ void InstallShmemHooks()
 }
 
 SharedState *Shared() { return shared; }
+
+int NumRequestSlots() { return num_request_slots; }
+
+RequestSlot *GetRequestSlot(int index)
+{
+    return reinterpret_cast<RequestSlot *>(request_slots + RequestSlotStride() * index);
+}
+
+shm_mq *SlotRequestQueue(RequestSlot *slot)
+{
+    return reinterpret_cast<shm_mq *>(reinterpret_cast<char *>(slot) +
+                                      MAXALIGN(sizeof(RequestSlot)));
+}
+
+shm_mq *SlotResponseQueue(RequestSlot *slot)
+{
+    return reinterpret_cast<shm_mq *>(reinterpret_cast<char *>(slot) +
+                                      MAXALIGN(sizeof(RequestSlot)) + kRequestQueueSize);
+}
 
 void InitNodeSlot(NodeSlot &slot)
 {

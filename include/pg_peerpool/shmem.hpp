@@ -14,6 +14,8 @@ extern "C" {
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/lwlock.h"
+#include "storage/s_lock.h"
+#include "storage/shm_mq.h"
 }
 
 namespace peerpool {
@@ -124,9 +126,41 @@ struct SharedState {
     uint64 events_written;
     EventRecord events[kEventRingSize];
 
+    // Bumped each time a pool manager starts: requests submitted to an earlier one are void.
+    pg_atomic_uint32 worker_generation;
+    // Bumped by backends whenever a request slot needs the pool manager's attention
+    // (submitted, cancelled); the pool manager scans the slots when it changed.
+    pg_atomic_uint64 request_events;
+
     int max_nodes; // fixed at startup
     NodeSlot nodes[FLEXIBLE_ARRAY_MEMBER];
 };
+
+// The request channel (parallel_query, pool_query). Every backend owns the slot indexed by its
+// PGPROC number, so taking one needs no lock and no DSM segment is created per call. A slot is
+// followed in memory by its request queue (backend -> pool manager) and its response queue.
+constexpr Size kRequestQueueSize = 16 * 1024;
+constexpr Size kResponseQueueSize = 64 * 1024;
+
+enum RequestSlotState : uint32 {
+    REQUEST_SLOT_FREE,      // the backend may start a request
+    REQUEST_SLOT_SUBMITTED, // queues created by the backend; the pool manager has not attached
+    REQUEST_SLOT_ACTIVE,    // the pool manager is working on it
+};
+
+struct RequestSlot {
+    slock_t mutex; // protects every field below
+    RequestSlotState state;
+    bool cancel;              // the backend gave up (error, cancel, exit)
+    uint32 worker_generation; // SharedState::worker_generation at submission
+    uint64 request_id;
+    int backend_pid;
+};
+
+int NumRequestSlots();
+RequestSlot *GetRequestSlot(int index);
+shm_mq *SlotRequestQueue(RequestSlot *slot);
+shm_mq *SlotResponseQueue(RequestSlot *slot);
 
 // Resets a slot to an empty, initialized state (atomics included). Caller holds the lock.
 void InitNodeSlot(NodeSlot &slot);

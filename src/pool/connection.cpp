@@ -50,6 +50,14 @@ ConnOptions ConnectionOptions(const std::string &conninfo, const std::string &ap
         options.emplace_back("keepalives_count", "3");
     if (!has("tcp_user_timeout"))
         options.emplace_back("tcp_user_timeout", std::to_string(tcp_user_timeout_ms));
+    // Like postgres_fdw: values travel as text, so fix the formats that vary by setting.
+    const char *formats = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3";
+    auto opt = std::find_if(options.begin(), options.end(),
+                            [](const auto &kv) { return kv.first == "options"; });
+    if (opt == options.end())
+        options.emplace_back("options", formats);
+    else
+        opt->second = std::string(formats) + " " + opt->second; // the conninfo's own win
     return options;
 }
 
@@ -95,6 +103,10 @@ uint32 Connection::WaitEvents() const
         return WL_SOCKET_READABLE; // a server closing on us (EOF, FATAL) is seen at once
     case CONN_STATE_CHECKING:
         return WL_SOCKET_READABLE | (flush_pending_ ? WL_SOCKET_WRITEABLE : 0);
+    case CONN_STATE_BUSY:
+        // Paused: the caller has not read what we sent yet; leave the rest in the kernel so the
+        // peer feels the backpressure.
+        return paused_ ? 0 : WL_SOCKET_READABLE | (flush_pending_ ? WL_SOCKET_WRITEABLE : 0);
     case CONN_STATE_BROKEN:
         return 0;
     }
@@ -184,10 +196,35 @@ bool Connection::OnSocketReady()
         }
         return ReadResults();
     }
+    case CONN_STATE_BUSY:
+        return true; // the owner pumps it
     case CONN_STATE_BROKEN:
         return false;
     }
     return false;
+}
+
+bool Connection::SendUserQuery(const std::string &sql, TimestampTz now)
+{
+    outcome_ = QueryOutcome();
+    query_finished_ = false;
+    query_started_ = now;
+    last_used_ = now;
+    if (PQsendQuery(conn_, sql.c_str()) == 0) {
+        MarkBroken(OneLine(PQerrorMessage(conn_)));
+        return false;
+    }
+    // Rows arrive one by one: the pool manager never holds a whole result set.
+    PQsetSingleRowMode(conn_);
+    state_ = CONN_STATE_BUSY;
+    paused_ = false;
+    int rc = PQflush(conn_);
+    if (rc < 0) {
+        MarkBroken(OneLine(PQerrorMessage(conn_)));
+        return false;
+    }
+    flush_pending_ = rc == 1;
+    return true;
 }
 
 // Drains every result that is ready. Returns true when the query is complete.

@@ -100,8 +100,18 @@ void Node::CloseConnection(uint64 id, bool recycled)
     }
     if (check_phase_ != CHECK_NONE && check_conn_ == id)
         check_phase_ = CHECK_NONE;
+    std::string error = (*it)->error();
+    jobs_.erase(id);
+    LeaseOwner lost;
+    auto lease = leases_.find(id);
+    if (lease != leases_.end()) {
+        lost = lease->second.owner;
+        leases_.erase(lease);
+    }
     conns_.erase(it); // PQfinish
     fleet_.ReleaseConnection();
+    if (lost.valid())
+        fleet_.LeaseLost(lost, error.empty() ? "connection closed" : error, GetCurrentTimestamp());
 }
 
 void Node::CloseAll()
@@ -125,6 +135,7 @@ Connection *Node::IdleConnection() const
     Connection *best = nullptr;
     for (const auto &c : conns_)
         if (c->state() == CONN_STATE_IDLE && !c->recycle_requested &&
+            jobs_.count(c->id()) == 0 &&
             (best == nullptr || c->last_used() > best->last_used()))
             best = c.get();
     return best;
@@ -178,6 +189,7 @@ void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
     config_ = config;
 
     if (was_enabled && !config_.enabled) {
+        FailWaiters(ERRCODE_CONNECTION_FAILURE, "node disabled", now);
         CloseAll();
         retry_attempt_ = 0;
         next_retry_at_ = 0;
@@ -209,10 +221,13 @@ void Node::StartDraining(TimestampTz now)
 {
     drain_deadline_ = After(now, peerpool_drain_timeout);
     Transition(NODE_STATE_DRAINING, "node removed", now);
-    // Health checks and idle or opening connections have nothing to finish.
+    FailWaiters(ERRCODE_CONNECTION_FAILURE, "node removed", now);
+    // In-flight queries may finish until drain_timeout; everything else closes now.
     std::vector<uint64> to_close;
     for (const auto &c : conns_)
-        to_close.push_back(c->id());
+        if (c->state() != CONN_STATE_BUSY || leases_.count(c->id()) == 0 ||
+            !leases_[c->id()].owner.valid())
+            to_close.push_back(c->id());
     for (uint64 id : to_close)
         CloseConnection(id, false);
     CompleteCheckRequests(true);
@@ -419,6 +434,7 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
 
 void Node::MarkUnhealthy(const std::string &reason, TimestampTz now)
 {
+    FailWaiters(ERRCODE_CONNECTION_FAILURE, "node became unhealthy: " + reason, now);
     CloseAll(); // a node that failed its checks may hold stuck connections
     retry_attempt_ = 0;
     Transition(NODE_STATE_UNHEALTHY, reason, now);
@@ -496,6 +512,14 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
     Connection *conn = FindConnection(conn_id);
     if (conn == nullptr)
         return;
+    if (conn->state() == CONN_STATE_BUSY) {
+        auto lease = leases_.find(conn_id);
+        if (lease != leases_.end() && lease->second.owner.valid())
+            fleet_.LeaseReady(lease->second.owner, *this, *conn, now);
+        else
+            DrainOrphan(conn, now);
+        return;
+    }
     ConnState before = conn->state();
     bool changed = conn->OnSocketReady();
     LogNotices(conn);
@@ -509,6 +533,14 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
         pg_atomic_fetch_add_u64(&Slot().created, 1);
         if (check_phase_ == CHECK_CONNECTING && check_conn_ == conn_id)
             RunCheckOn(conn, now);
+        else if (jobs_.count(conn_id) != 0)
+            SendCancelOn(conn, now); // an extra connection opened to send a cancel
+        else
+            GrantWaiting(now);
+        return;
+    }
+    if (jobs_.count(conn_id) != 0 && conn->query_finished()) {
+        FinishJob(conn, now);
         return;
     }
     if (check_phase_ == CHECK_RUNNING && check_conn_ == conn_id && conn->query_finished()) {
@@ -582,6 +614,36 @@ void Node::Manage(TimestampTz now)
                     "", false, false, now);
     }
 
+    // Our own queries (cancel, cleanup) and cancelled queries past their grace period.
+    {
+        std::vector<uint64> expired;
+        for (const auto &[id, job] : jobs_)
+            if (now >= job.deadline)
+                expired.push_back(id);
+        for (const auto &[id, lease] : leases_)
+            if (!lease.owner.valid() && lease.orphan_deadline != 0 && now >= lease.orphan_deadline)
+                expired.push_back(id);
+        for (uint64 id : expired)
+            CloseConnection(id, false);
+    }
+    // Waiters past their acquire deadline (FIFO order is kept for the others).
+    for (auto it = waiters_.begin(); it != waiters_.end();) {
+        if (it->deadline != 0 && now >= it->deadline) {
+            LeaseOwner owner = it->owner;
+            it = waiters_.erase(it);
+            pg_atomic_fetch_add_u64(&Slot().acquire_timeouts, 1);
+            fleet_.WaitFailed(owner, ERRCODE_TOO_MANY_CONNECTIONS,
+                              Format("timeout waiting for a connection of node \"%s\" "
+                                     "(max_connections %d, peerpool.acquire_timeout)",
+                                     config_.name.c_str(), config_.max_connections),
+                              now);
+        } else {
+            ++it;
+        }
+    }
+    if (Serving())
+        GrantWaiting(now);
+
     bool requested = pg_atomic_read_u64(&Slot().check_requested) >
                      pg_atomic_read_u64(&Slot().check_completed);
 
@@ -617,11 +679,19 @@ void Node::Manage(TimestampTz now)
     case NODE_STATE_UNHEALTHY:
         ScheduleRetry(last_error_, now); // not a resting state
         break;
-    case NODE_STATE_DRAINING:
+    case NODE_STATE_DRAINING: {
+        // Connections whose query finished are closed as they come back (ReturnToPool).
+        std::vector<uint64> done;
+        for (const auto &c : conns_)
+            if (c->state() != CONN_STATE_BUSY)
+                done.push_back(c->id());
+        for (uint64 id : done)
+            CloseConnection(id, false);
         if (now >= drain_deadline_)
             CloseAll();
         CompleteCheckRequests(true);
         break;
+    }
     }
     Publish();
 }
@@ -652,6 +722,13 @@ TimestampTz Node::NextWake() const
         consider(good_checks_ > 0 ? next_check_at_ : next_retry_at_);
     if (state_ == NODE_STATE_DRAINING)
         consider(drain_deadline_);
+    for (const Waiter &w : waiters_)
+        consider(w.deadline);
+    for (const auto &[id, job] : jobs_)
+        consider(job.deadline);
+    for (const auto &[id, lease] : leases_)
+        if (!lease.owner.valid())
+            consider(lease.orphan_deadline);
     return wake;
 }
 
@@ -682,11 +759,284 @@ void Node::Publish() const
     slot.next_retry_at = state_ == NODE_STATE_RECONNECTING && good_checks_ == 0 ? next_retry_at_ : 0;
     LWLockRelease(State().lock);
 
-    int active = ConnectionCount(CONN_STATE_CHECKING);
+    int active = ConnectionCount(CONN_STATE_CHECKING) + ConnectionCount(CONN_STATE_BUSY);
+    pg_atomic_write_u32(&slot.waiting, static_cast<uint32>(waiters_.size()));
     int idle = ConnectionCount(CONN_STATE_IDLE);
     pg_atomic_write_u32(&slot.total, static_cast<uint32>(conns_.size()));
     pg_atomic_write_u32(&slot.active, static_cast<uint32>(active));
     pg_atomic_write_u32(&slot.idle, static_cast<uint32>(idle));
+}
+
+// ---- leases ---------------------------------------------------------------------------------
+
+int Node::busy_connections() const
+{
+    return ConnectionCount(CONN_STATE_BUSY) + ConnectionCount(CONN_STATE_CHECKING);
+}
+
+void Node::Enqueue(const LeaseOwner &owner, TimestampTz acquire_deadline, TimestampTz now)
+{
+    waiters_.push_back({owner, acquire_deadline, now});
+    GrantWaiting(now);
+    Publish();
+}
+
+void Node::CancelWait(const LeaseOwner &owner)
+{
+    for (auto it = waiters_.begin(); it != waiters_.end(); ++it)
+        if (it->owner == owner) {
+            waiters_.erase(it);
+            return;
+        }
+}
+
+void Node::FailWaiters(int sqlerrcode, const std::string &why, TimestampTz now)
+{
+    std::deque<Waiter> failed;
+    failed.swap(waiters_);
+    for (const Waiter &w : failed)
+        fleet_.WaitFailed(w.owner, sqlerrcode,
+                          Format("node \"%s\": %s", config_.name.c_str(), why.c_str()), now);
+}
+
+Connection *Node::LeasedConnection(uint64 conn_id) const
+{
+    auto it = leases_.find(conn_id);
+    if (it == leases_.end() || !it->second.owner.valid())
+        return nullptr;
+    return FindConnection(conn_id);
+}
+
+// Hands idle connections to waiters in FIFO order; opens connections (up to max_connections,
+// evicting other nodes' idle ones when the fleet budget is spent) for the rest.
+void Node::GrantWaiting(TimestampTz now)
+{
+    if (!Serving())
+        return;
+    while (!waiters_.empty()) {
+        Connection *idle = IdleConnection();
+        if (idle == nullptr)
+            break;
+        Waiter w = waiters_.front();
+        waiters_.pop_front();
+        leases_[idle->id()] = {w.owner, now, 0};
+        pg_atomic_fetch_add_u64(&Slot().acquires, 1);
+        if (!fleet_.Grant(w.owner, *this, *idle, now)) {
+            leases_.erase(idle->id());
+            if (idle->state() == CONN_STATE_BUSY)
+                AbortLease(idle->id(), now);
+        } else if (idle->state() == CONN_STATE_BROKEN) {
+            HandleBrokenConnection(idle, now);
+        }
+    }
+    int connecting = ConnectionCount(CONN_STATE_CONNECTING);
+    while (static_cast<int>(waiters_.size()) > connecting &&
+           static_cast<int>(conns_.size()) < config_.max_connections) {
+        Connection *conn = OpenConnection(now, true);
+        if (conn == nullptr)
+            break;
+        if (conn->state() == CONN_STATE_BROKEN) {
+            HandleBrokenConnection(conn, now);
+            break;
+        }
+        connecting++;
+    }
+}
+
+void Node::ReleaseLease(uint64 conn_id, bool ok, TimestampTz now)
+{
+    auto it = leases_.find(conn_id);
+    if (it == leases_.end())
+        return;
+    double ms = MsBetween(it->second.started, now);
+    leases_.erase(it);
+    pg_atomic_fetch_add_u64(&Slot().queries, 1);
+    pg_atomic_fetch_add_u64(&Slot().query_time_us, static_cast<uint64>(ms * 1000));
+    if (!ok)
+        pg_atomic_fetch_add_u64(&Slot().errors, 1);
+    Connection *conn = FindConnection(conn_id);
+    if (conn == nullptr)
+        return;
+    if (conn->state() == CONN_STATE_BROKEN) {
+        HandleBrokenConnection(conn, now);
+        return;
+    }
+    ReturnToPool(conn, now);
+}
+
+// A connection whose caller is done: roll back what it left open, run reset_query, pool it.
+void Node::ReturnToPool(Connection *conn, TimestampTz now)
+{
+    bool dirty = conn->transaction_status() != PQTRANS_IDLE;
+    bool reset = peerpool_reset_query != nullptr && peerpool_reset_query[0] != '\0';
+    if (state_ == NODE_STATE_DRAINING || state_ == NODE_STATE_DISCONNECTED ||
+        conn->recycle_requested) {
+        CloseConnection(conn->id(), conn->recycle_requested);
+        return;
+    }
+    if (dirty || reset) {
+        StartCleanup(conn, now);
+        return;
+    }
+    conn->MarkIdle(now);
+    GrantWaiting(now);
+}
+
+void Node::StartCleanup(Connection *conn, TimestampTz now)
+{
+    std::string sql;
+    if (conn->transaction_status() != PQTRANS_IDLE)
+        sql = "ROLLBACK";
+    if (peerpool_reset_query != nullptr && peerpool_reset_query[0] != '\0')
+        sql += (sql.empty() ? "" : "; ") + std::string(peerpool_reset_query);
+    conn->MarkIdle(now);
+    jobs_[conn->id()] = {JOB_CLEANUP, 0, false, After(now, peerpool_health_check_timeout)};
+    if (!conn->SendQuery(sql, now, jobs_[conn->id()].deadline))
+        HandleBrokenConnection(conn, now);
+}
+
+void Node::AbortLease(uint64 conn_id, TimestampTz now)
+{
+    auto it = leases_.find(conn_id);
+    Connection *conn = FindConnection(conn_id);
+    if (it == leases_.end() || conn == nullptr)
+        return;
+    double ms = MsBetween(it->second.started, now);
+    pg_atomic_fetch_add_u64(&Slot().queries, 1);
+    pg_atomic_fetch_add_u64(&Slot().errors, 1);
+    pg_atomic_fetch_add_u64(&Slot().query_time_us, static_cast<uint64>(ms * 1000));
+    // The connection stays busy, its results discarded, until the cancelled query returns;
+    // then it is cleaned and pooled. If it does not return in time it is closed.
+    it->second.owner = LeaseOwner();
+    it->second.orphan_deadline = After(now, peerpool_connect_timeout + 1000);
+    if (conn->state() != CONN_STATE_BUSY) {
+        leases_.erase(it);
+        ReturnToPool(conn, now);
+        return;
+    }
+    StartCancel(conn->backend_pid(), now);
+    DrainOrphan(conn, now);
+}
+
+void Node::DiscardLease(uint64 conn_id)
+{
+    auto it = leases_.find(conn_id);
+    if (it != leases_.end()) {
+        pg_atomic_fetch_add_u64(&Slot().queries, 1);
+        pg_atomic_fetch_add_u64(&Slot().errors, 1);
+        leases_.erase(it);
+    }
+    CloseConnection(conn_id, false);
+}
+
+// Cancels a backend's query on the node with pg_cancel_backend() sent over another
+// connection: libpq's PQcancel blocks, this does not. Uses an idle connection when no caller
+// waits for one, else opens an extra one that is closed afterwards.
+void Node::StartCancel(int target_pid, TimestampTz now)
+{
+    if (target_pid != 0)
+        pending_cancels_.push_back(target_pid);
+    while (!pending_cancels_.empty()) {
+        Connection *idle = waiters_.empty() ? IdleConnection() : nullptr;
+        if (idle != nullptr) {
+            SendCancelOn(idle, now);
+            continue;
+        }
+        // One extra connection at a time, opened beyond max_connections: a cancel must not
+        // wait behind the queue it is trying to shorten.
+        for (const auto &c : conns_)
+            if (c->state() == CONN_STATE_CONNECTING && jobs_.count(c->id()) != 0)
+                return; // already opening one; it sends the pending cancels in turn
+        if (!fleet_.ReserveConnection(this, true))
+            return;
+        ConnOptions options;
+        try {
+            options = ConnectionOptions(config_.conninfo, peerpool_application_name,
+                                        kTcpUserTimeoutMs);
+        } catch (const Error &) {
+            fleet_.ReleaseConnection();
+            pending_cancels_.clear();
+            return;
+        }
+        auto fresh = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now,
+                                                  After(now, peerpool_connect_timeout));
+        Connection *raw = fresh.get();
+        conns_.push_back(std::move(fresh));
+        jobs_[raw->id()] = {JOB_CANCEL, 0, true, After(now, peerpool_connect_timeout)};
+        if (raw->state() == CONN_STATE_BROKEN)
+            HandleBrokenConnection(raw, now);
+        return; // SendCancelOn runs once it is connected
+    }
+}
+
+// Sends the next pending cancel on an idle connection (closes an extra one with none left).
+void Node::SendCancelOn(Connection *conn, TimestampTz now)
+{
+    auto job = jobs_.find(conn->id());
+    bool extra = job != jobs_.end() && job->second.close_after;
+    if (pending_cancels_.empty()) {
+        if (extra)
+            CloseConnection(conn->id(), false);
+        return;
+    }
+    int pid = pending_cancels_.front();
+    pending_cancels_.erase(pending_cancels_.begin());
+    jobs_[conn->id()] = {JOB_CANCEL, pid, extra, After(now, peerpool_health_check_timeout)};
+    if (!conn->SendQuery(Format("SELECT pg_catalog.pg_cancel_backend(%d)", pid), now,
+                         jobs_[conn->id()].deadline))
+        HandleBrokenConnection(conn, now);
+}
+
+void Node::FinishJob(Connection *conn, TimestampTz now)
+{
+    auto it = jobs_.find(conn->id());
+    Job job = it->second;
+    jobs_.erase(it);
+    QueryOutcome outcome = conn->TakeOutcome();
+    if (!outcome.ok && job.kind == JOB_CLEANUP) {
+        // A connection we cannot clean is never handed to the next caller.
+        pg::Call([&] {
+            ereport(LOG, (errmsg_internal("pg_peerpool: node \"%s\": discarding a connection: "
+                                          "cleanup failed: %s",
+                                          config_.name.c_str(), outcome.error.c_str())));
+        });
+        CloseConnection(conn->id(), false);
+        return;
+    }
+    if (conn->state() == CONN_STATE_BROKEN ||
+        (job.close_after && pending_cancels_.empty()) ||
+        static_cast<int>(conns_.size()) > config_.max_connections + (job.close_after ? 1 : 0)) {
+        CloseConnection(conn->id(), false);
+        return;
+    }
+    if (job.close_after) {
+        jobs_[conn->id()] = job; // keep it marked as the extra connection
+        SendCancelOn(conn, now);
+        return;
+    }
+    if (!pending_cancels_.empty()) {
+        SendCancelOn(conn, now);
+        return;
+    }
+    ReturnToPool(conn, now);
+}
+
+// Reads and drops the results of a cancelled query; pools the connection once it is done.
+void Node::DrainOrphan(Connection *conn, TimestampTz now)
+{
+    PumpStatus status = conn->Pump(
+        [](PGresult *res) {
+            PQclear(res);
+            return true;
+        },
+        true);
+    if (status != PUMP_DONE)
+        return;
+    leases_.erase(conn->id());
+    if (conn->state() == CONN_STATE_BROKEN)
+        HandleBrokenConnection(conn, now);
+    else
+        ReturnToPool(conn, now);
 }
 
 } // namespace peerpool

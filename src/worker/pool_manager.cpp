@@ -18,6 +18,7 @@
 #include "pg_peerpool/pool/node.hpp"
 #include "pg_peerpool/shmem.hpp"
 #include "pg_peerpool/worker/registry_sync.hpp"
+#include "pg_peerpool/worker/request.hpp"
 
 extern "C" {
 #include "postgres.h"
@@ -29,6 +30,7 @@ extern "C" {
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
+#include "storage/spin.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -72,17 +74,32 @@ void Log(int level, const std::string &message)
     pg::Call([&] { ereport(level, (errmsg_internal("pg_peerpool: %s", message.c_str()))); });
 }
 
-class PoolManager final : public Fleet {
+class PoolManager final : public Fleet, public RequestHost {
 public:
     ~PoolManager() override;
     void Run();
 
+    // Fleet
     bool ReserveConnection(const Node *requester, bool evict) override;
     void ReleaseConnection() override;
     uint64 NextConnectionId() override { return ++last_connection_id_; }
     EventLog &events() override { return events_; }
+    bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) override;
+    void LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
+                    TimestampTz now) override;
+    void LeaseLost(const LeaseOwner &owner, const std::string &error, TimestampTz now) override;
+    void WaitFailed(const LeaseOwner &owner, int sqlerrcode, const std::string &error,
+                    TimestampTz now) override;
+
+    // RequestHost
+    Node *FindNode(const std::string &name) override;
+    std::vector<Node *> NodesByName() override;
+    uint64 &RoundRobin() override { return round_robin_; }
 
 private:
+    Request *FindRequest(uint64 key);
+    void ScanRequestSlots(TimestampTz now);
+    void StepRequests(TimestampTz now);
     void SyncRegistryIfNeeded(TimestampTz now);
     void ApplyRegistry(Registry registry, uint64 generation, TimestampTz now);
     void RebuildWaitSetIfNeeded();
@@ -100,6 +117,14 @@ private:
     uint64 last_connection_id_ = 0;
     int total_connections_ = 0;
 
+    // Callers' requests, by key; and which slot each came from.
+    std::map<uint64, std::unique_ptr<Request>> requests_;
+    std::map<int, uint64> request_by_slot_;
+    uint64 last_request_key_ = 0;
+    uint64 seen_request_events_ = UINT64_MAX;
+    uint32 generation_ = 0;
+    uint64 round_robin_ = 0;
+
     // The wait set and what it was built for; user_data of a socket event points into
     // `registered_` (stable until the next rebuild).
     struct Registered {
@@ -110,11 +135,13 @@ private:
     };
     WaitEventSet *wait_set_ = nullptr;
     std::vector<Registered> registered_;
+    std::vector<WaitEvent> fired_;
 };
 
 PoolManager::~PoolManager()
 {
-    nodes_.clear(); // closes every connection
+    requests_.clear(); // detaches every caller's queues (they see the pool manager leave)
+    nodes_.clear();    // closes every connection
     if (wait_set_ != nullptr)
         FreeWaitEventSet(wait_set_); // only frees memory
 }
@@ -150,6 +177,101 @@ void PoolManager::ReleaseConnection()
 {
     total_connections_--;
     ReleaseExternalFD();
+}
+
+Node *PoolManager::FindNode(const std::string &name)
+{
+    auto it = nodes_.find(name);
+    return it == nodes_.end() ? nullptr : it->second.get();
+}
+
+std::vector<Node *> PoolManager::NodesByName()
+{
+    std::vector<Node *> out;
+    out.reserve(nodes_.size());
+    for (auto &[name, node] : nodes_) // std::map: sorted by name
+        out.push_back(node.get());
+    return out;
+}
+
+Request *PoolManager::FindRequest(uint64 key)
+{
+    auto it = requests_.find(key);
+    return it == requests_.end() ? nullptr : it->second.get();
+}
+
+bool PoolManager::Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now)
+{
+    Request *r = FindRequest(owner.request_key);
+    return r != nullptr && r->OnGrant(owner.task, node, conn, now);
+}
+
+void PoolManager::LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
+                             TimestampTz now)
+{
+    if (Request *r = FindRequest(owner.request_key))
+        r->OnReady(owner.task, node, conn, now);
+}
+
+void PoolManager::LeaseLost(const LeaseOwner &owner, const std::string &error, TimestampTz now)
+{
+    if (Request *r = FindRequest(owner.request_key))
+        r->OnLost(owner.task, error, now);
+}
+
+void PoolManager::WaitFailed(const LeaseOwner &owner, int sqlerrcode, const std::string &error,
+                             TimestampTz now)
+{
+    if (Request *r = FindRequest(owner.request_key))
+        r->OnWaitFailed(owner.task, sqlerrcode, error, now);
+}
+
+// Picks up submitted requests and callers that gave up. Runs when a backend signalled a
+// change (request_events), so an idle fleet does not scan the slots at all.
+void PoolManager::ScanRequestSlots(TimestampTz now)
+{
+    SharedState &state = RequireShared();
+    uint64 events = pg_atomic_read_u64(&state.request_events);
+    if (events == seen_request_events_)
+        return;
+    seen_request_events_ = events;
+    for (int i = 0; i < NumRequestSlots(); i++) {
+        RequestSlot *slot = GetRequestSlot(i);
+        SpinLockAcquire(&slot->mutex);
+        RequestSlotState slot_state = slot->state;
+        bool cancel = slot->cancel;
+        uint32 generation = slot->worker_generation;
+        if (slot_state != REQUEST_SLOT_FREE && generation != generation_ &&
+            request_by_slot_.count(i) == 0)
+            slot->state = REQUEST_SLOT_FREE; // submitted to a pool manager that is gone
+        SpinLockRelease(&slot->mutex);
+        if (slot_state == REQUEST_SLOT_FREE || generation != generation_)
+            continue;
+        auto known = request_by_slot_.find(i);
+        if (known != request_by_slot_.end()) {
+            if (cancel)
+                requests_[known->second]->Abandon(now);
+            continue;
+        }
+        if (slot_state == REQUEST_SLOT_SUBMITTED && !cancel) {
+            uint64 key = ++last_request_key_;
+            requests_[key] = std::make_unique<Request>(*this, i, key, now);
+            request_by_slot_[i] = key;
+        }
+    }
+}
+
+void PoolManager::StepRequests(TimestampTz now)
+{
+    for (auto it = requests_.begin(); it != requests_.end();) {
+        it->second->Step(now);
+        if (it->second->Finished()) {
+            request_by_slot_.erase(it->second->slot());
+            it = requests_.erase(it); // detaches, frees the slot
+        } else {
+            ++it;
+        }
+    }
 }
 
 void PoolManager::SyncRegistryIfNeeded(TimestampTz now)
@@ -264,6 +386,11 @@ long PoolManager::SleepMs(TimestampTz now) const
         if (t != 0 && t < wake)
             wake = t;
     }
+    for (const auto &[key, request] : requests_) {
+        TimestampTz t = request->NextWake();
+        if (t != 0 && t < wake)
+            wake = t;
+    }
     long ms = TimestampDifferenceMilliseconds(now, wake);
     if (wake > now && ms == 0)
         ms = 1; // round sub-millisecond waits up rather than spin
@@ -285,8 +412,35 @@ void PoolManager::DispatchEvents(const WaitEvent *fired, int count, TimestampTz 
 
 void PoolManager::Shutdown()
 {
-    // Health checks are the only work in flight in the pool manager itself; nothing to wait
-    // for. Closing sends Terminate, so the peers end our sessions at once.
+    // Stop taking work; let callers' queries finish until drain_timeout, then cancel the rest.
+    TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), peerpool_drain_timeout);
+    while (!requests_.empty() && GetCurrentTimestamp() < deadline) {
+        TimestampTz now = GetCurrentTimestamp();
+        for (auto &[name, node] : nodes_)
+            node->Manage(now);
+        StepRequests(now);
+        if (requests_.empty())
+            break;
+        RebuildWaitSetIfNeeded();
+        if (fired_.size() < registered_.size() + 2)
+            fired_.resize(registered_.size() + 2);
+        long timeout = std::max<long>(1, std::min<long>(SleepMs(now),
+                                      TimestampDifferenceMilliseconds(now, deadline)));
+        WaitEvent *events = fired_.data();
+        int size = static_cast<int>(fired_.size());
+        int n = pg::Call([&] {
+            int got = WaitEventSetWait(wait_set_, timeout, events, size, PG_WAIT_EXTENSION);
+            ResetLatch(MyLatch);
+            return got;
+        });
+        DispatchEvents(events, n, GetCurrentTimestamp());
+    }
+    TimestampTz now = GetCurrentTimestamp();
+    for (auto &[key, request] : requests_)
+        request->Abandon(now); // cancels remote queries still running
+    requests_.clear();
+    request_by_slot_.clear();
+    // Closing sends Terminate, so the peers end our sessions at once.
     size_t closed = 0;
     for (auto &[name, node] : nodes_) {
         closed++;
@@ -315,7 +469,8 @@ void PoolManager::Run()
     });
 
     Log(LOG, Format("pool manager started (database \"%s\")", peerpool_database));
-    std::vector<WaitEvent> fired(64);
+    generation_ = pg_atomic_add_fetch_u32(&state.worker_generation, 1);
+    fired_.resize(64);
     while (!shutdown_requested) {
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
@@ -326,8 +481,10 @@ void PoolManager::Run()
         SyncRegistryIfNeeded(now);
 
         now = GetCurrentTimestamp();
+        ScanRequestSlots(now);
         for (auto &[name, node] : nodes_)
             node->Manage(now);
+        StepRequests(now);
         for (auto it = nodes_.begin(); it != nodes_.end();) {
             if (it->second->Drained()) {
                 std::string name = it->first;
@@ -341,14 +498,14 @@ void PoolManager::Run()
         events_.Flush();
 
         RebuildWaitSetIfNeeded();
-        if (fired.size() < registered_.size() + 2)
-            fired.resize(registered_.size() + 2);
+        if (fired_.size() < registered_.size() + 2)
+            fired_.resize(registered_.size() + 2);
         long timeout = SleepMs(GetCurrentTimestamp());
-        WaitEvent *events = fired.data();
+        WaitEvent *events = fired_.data();
+        int size = static_cast<int>(fired_.size());
         int nfired = pg::Call([&] {
             MemoryContextReset(scratch);
-            int n = WaitEventSetWait(wait_set_, timeout, events, static_cast<int>(fired.size()),
-                                     PG_WAIT_EXTENSION);
+            int n = WaitEventSetWait(wait_set_, timeout, events, size, PG_WAIT_EXTENSION);
             ResetLatch(MyLatch);
             CHECK_FOR_INTERRUPTS();
             return n;
@@ -384,6 +541,11 @@ void peerpool_pool_manager_main(Datum)
     pqsignal(SIGHUP, SignalHandlerForConfigReload);
     BackgroundWorkerUnblockSignals();
     BackgroundWorkerInitializeConnection(peerpool_database, nullptr, 0);
+    // libpq would pass the postmaster's own client settings on to every peer session; the
+    // text formats of our sessions are fixed in ConnectionOptions instead.
+    unsetenv("PGDATESTYLE");
+    unsetenv("PGTZ");
+    unsetenv("PGOPTIONS");
 
     peerpool::PendingError pending;
     if (!peerpool::CatchAll([] { peerpool::PoolManager().Run(); }, pending))

@@ -21,8 +21,16 @@ namespace peerpool {
 enum ConnState {
     CONN_STATE_CONNECTING, // PQconnectPoll in progress
     CONN_STATE_IDLE,       // ready, in the pool
-    CONN_STATE_CHECKING,   // running a health check
+    CONN_STATE_CHECKING,   // running one of our own queries (check, cancel, cleanup)
+    CONN_STATE_BUSY,       // running a caller's query, results streamed (single-row mode)
     CONN_STATE_BROKEN,     // failed; to be discarded
+};
+
+// Result of Connection::Pump (a caller's query).
+enum PumpStatus {
+    PUMP_NEED_INPUT, // nothing more without reading the socket
+    PUMP_PAUSED,     // the sink is full; call again once it drained (socket not watched)
+    PUMP_DONE,       // the query is complete; the connection is idle again (or broken)
 };
 
 // What a finished query produced.
@@ -54,6 +62,17 @@ public:
     bool OnSocketReady();
 
     bool SendQuery(const std::string &sql, TimestampTz now, TimestampTz deadline);
+
+    // A caller's query: results come one row at a time (single-row mode) through Pump.
+    bool SendUserQuery(const std::string &sql, TimestampTz now);
+    // Hands each ready result to `sink` (which must PQclear it or keep it). When sink returns
+    // false, stops with PUMP_PAUSED. Reads the socket first when `read_socket`.
+    template <typename Sink> PumpStatus Pump(Sink &&sink, bool read_socket);
+    int backend_pid() const { return conn_ ? PQbackendPID(conn_) : 0; }
+    PGTransactionStatusType transaction_status() const
+    {
+        return conn_ ? PQtransactionStatus(conn_) : PQTRANS_UNKNOWN;
+    }
     // Valid once a query finished (state back to IDLE or BROKEN).
     bool query_finished() const { return query_finished_; }
     QueryOutcome TakeOutcome();
@@ -82,6 +101,7 @@ private:
     ConnState state_ = CONN_STATE_CONNECTING;
     PostgresPollingStatusType poll_ = PGRES_POLLING_WRITING;
     bool flush_pending_ = false;
+    bool paused_ = false;
     bool query_finished_ = false;
     QueryOutcome outcome_;
     std::string error_;
@@ -93,12 +113,48 @@ private:
     std::vector<std::string> notices_;
 };
 
+// libpq's message as one line without the trailing newline.
+std::string OneLine(const char *message);
+
+template <typename Sink> PumpStatus Connection::Pump(Sink &&sink, bool read_socket)
+{
+    if (state_ != CONN_STATE_BUSY)
+        return PUMP_DONE;
+    paused_ = false;
+    if (read_socket) {
+        if (flush_pending_) {
+            int rc = PQflush(conn_);
+            if (rc < 0) {
+                MarkBroken(OneLine(PQerrorMessage(conn_)));
+                return PUMP_DONE;
+            }
+            flush_pending_ = rc == 1;
+        }
+        if (PQconsumeInput(conn_) == 0) {
+            MarkBroken(OneLine(PQerrorMessage(conn_)));
+            return PUMP_DONE;
+        }
+    }
+    while (!PQisBusy(conn_)) {
+        PGresult *res = PQgetResult(conn_);
+        if (res == nullptr) {
+            if (PQstatus(conn_) == CONNECTION_BAD)
+                MarkBroken(OneLine(PQerrorMessage(conn_)));
+            else
+                state_ = CONN_STATE_IDLE;
+            return PUMP_DONE;
+        }
+        if (!sink(res)) {
+            paused_ = true;
+            return PUMP_PAUSED;
+        }
+    }
+    return PUMP_NEED_INPUT;
+}
+
 // The options the pool manager connects with: the node's conninfo plus our defaults
 // (application_name, TCP keepalives, tcp_user_timeout) where the conninfo does not say.
 ConnOptions ConnectionOptions(const std::string &conninfo, const std::string &application_name,
                               int tcp_user_timeout_ms);
-
-// libpq's message as one line without the trailing newline.
-std::string OneLine(const char *message);
 
 } // namespace peerpool

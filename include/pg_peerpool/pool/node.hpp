@@ -12,6 +12,8 @@
 //   any --removed--> draining --> (slot freed);  any --disabled--> disconnected
 #pragma once
 
+#include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,9 +27,27 @@ namespace peerpool {
 
 class Node;
 
+// Who holds (or waits for) a connection: one task of one caller's request.
+struct LeaseOwner {
+    uint64 request_key = 0; // 0 = nobody
+    int task = -1;
+    bool valid() const { return request_key != 0; }
+    bool operator==(const LeaseOwner &o) const { return request_key == o.request_key && task == o.task; }
+};
+
 // What a node needs from the pool manager that owns every node.
 class Fleet {
 public:
+    // A waiting task gets `conn` (idle). Returns false if the task no longer wants it.
+    virtual bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) = 0;
+    // The task's connection has results to read.
+    virtual void LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
+                            TimestampTz now) = 0;
+    // The task's connection is gone (broken, node unhealthy or removed).
+    virtual void LeaseLost(const LeaseOwner &owner, const std::string &error, TimestampTz now) = 0;
+    // The task waited in vain (acquire timeout, node unhealthy or removed).
+    virtual void WaitFailed(const LeaseOwner &owner, int sqlerrcode, const std::string &error,
+                            TimestampTz now) = 0;
     virtual ~Fleet() = default;
     // Takes one connection from the fleet budget (max_total_connections and the process's
     // external FD allowance). With `evict`, may close another node's least recently used idle
@@ -46,6 +66,26 @@ public:
 
     const std::string &name() const { return config_.name; }
     NodeState state() const { return state_; }
+    const NodeConfig &config() const { return config_; }
+    // The configured role, or the detected one when configured as auto.
+    NodeRole EffectiveRole() const
+    {
+        return config_.role == NODE_ROLE_AUTO ? role_ : config_.role;
+    }
+    double latency_ms() const { return latency_ms_; }
+    const std::string &last_error() const { return last_error_; }
+    int busy_connections() const;
+
+    // ---- leases: callers' queries (FIFO waiting up to the acquire deadline) ----
+    void Enqueue(const LeaseOwner &owner, TimestampTz acquire_deadline, TimestampTz now);
+    void CancelWait(const LeaseOwner &owner);
+    Connection *LeasedConnection(uint64 conn_id) const;
+    // The query finished and its results were read: clean the connection and pool it.
+    void ReleaseLease(uint64 conn_id, bool ok, TimestampTz now);
+    // The caller gave up mid-query (timeout, cancel): cancel it on the node, without waiting.
+    void AbortLease(uint64 conn_id, TimestampTz now);
+    // The leased connection is unusable (e.g. left in COPY): close it, telling nobody.
+    void DiscardLease(uint64 conn_id);
 
     void Reconfigure(const NodeConfig &config, TimestampTz now);
     void StartDraining(TimestampTz now);
@@ -77,6 +117,34 @@ public:
 
 private:
     enum CheckPhase { CHECK_NONE, CHECK_CONNECTING, CHECK_RUNNING };
+
+    struct Waiter {
+        LeaseOwner owner;
+        TimestampTz deadline;
+        TimestampTz since;
+    };
+    // Our own short queries on a connection other than the health check.
+    enum JobKind { JOB_CANCEL, JOB_CLEANUP };
+    struct Job {
+        JobKind kind;
+        int target_pid;       // JOB_CANCEL: the backend whose query is cancelled
+        bool close_after;     // JOB_CANCEL on an extra connection: close it when done
+        TimestampTz deadline;
+    };
+    struct Lease {
+        LeaseOwner owner;     // invalid once the caller gave up (orphan: results discarded)
+        TimestampTz started;
+        TimestampTz orphan_deadline;
+    };
+
+    void GrantWaiting(TimestampTz now);
+    void FailWaiters(int sqlerrcode, const std::string &why, TimestampTz now);
+    void StartCancel(int target_pid, TimestampTz now);
+    void SendCancelOn(Connection *conn, TimestampTz now);
+    void StartCleanup(Connection *conn, TimestampTz now);
+    void FinishJob(Connection *conn, TimestampTz now);
+    void ReturnToPool(Connection *conn, TimestampTz now);
+    void DrainOrphan(Connection *conn, TimestampTz now);
 
     bool Serving() const;
     void Transition(NodeState to, const std::string &reason, TimestampTz now);
@@ -134,6 +202,11 @@ private:
     std::string last_sqlstate_;
     double latency_ms_ = -1;
     double lag_ms_ = -1;
+
+    std::deque<Waiter> waiters_;
+    std::map<uint64, Lease> leases_; // conn id -> lease (connections in CONN_STATE_BUSY)
+    std::map<uint64, Job> jobs_;     // conn id -> our own query in flight
+    std::vector<int> pending_cancels_; // backend pids waiting for a connection to cancel them
 };
 
 } // namespace peerpool

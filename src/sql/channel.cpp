@@ -1,0 +1,194 @@
+// Backend side of the request channel (see include/pg_peerpool/sql/channel.hpp and
+// include/pg_peerpool/shmem.hpp, RequestSlot).
+#include "pg_peerpool/sql/channel.hpp"
+
+#include "pg_peerpool/shmem.hpp"
+
+extern "C" {
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/spin.h"
+#include "utils/memutils.h"
+}
+
+namespace peerpool::channel {
+
+namespace {
+
+constexpr long kPollMs = 100;          // how often a waiting backend checks the pool manager
+constexpr long kSlotFreeTimeoutMs = 5000;
+
+struct Current {
+    bool active = false;
+    RequestSlot *slot = nullptr;
+    shm_mq_handle *send = nullptr;
+    shm_mq_handle *recv = nullptr;
+    uint32 worker_procno_plus1 = 0;
+    uint32 generation = 0;
+};
+Current current;
+bool callbacks_registered = false;
+
+// Never errors: runs from abort callbacks and at exit.
+void Abandon()
+{
+    if (!current.active)
+        return;
+    current.active = false;
+    SpinLockAcquire(&current.slot->mutex);
+    current.slot->cancel = true;
+    SpinLockRelease(&current.slot->mutex);
+    shm_mq_detach(current.send);
+    shm_mq_detach(current.recv);
+    current.send = current.recv = nullptr;
+    if (SharedState *state = Shared())
+        pg_atomic_fetch_add_u64(&state->request_events, 1);
+    WakePoolManager();
+}
+
+void XactCallback(XactEvent, void *) { Abandon(); }
+
+void SubXactCallback(SubXactEvent event, SubTransactionId, SubTransactionId, void *)
+{
+    if (event == SUBXACT_EVENT_ABORT_SUB)
+        Abandon();
+}
+
+void ExitCallback(int, Datum) { Abandon(); }
+
+[[noreturn]] void WorkerGone()
+{
+    Abandon();
+    ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE),
+                    errmsg("the pg_peerpool pool manager stopped while running this request"),
+                    errhint("It restarts automatically; retry the statement.")));
+    pg_unreachable();
+}
+
+// Sleeps until our latch is set or kPollMs passed; honours interrupts; notices a pool manager
+// that stopped or was replaced.
+void WaitForWorker()
+{
+    (void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, kPollMs,
+                    PG_WAIT_EXTENSION);
+    ResetLatch(MyLatch);
+    CHECK_FOR_INTERRUPTS();
+    SharedState *state = Shared();
+    if (pg_atomic_read_u32(&state->worker_procno_plus1) != current.worker_procno_plus1 ||
+        pg_atomic_read_u32(&state->worker_generation) != current.generation)
+        WorkerGone();
+}
+
+} // namespace
+
+void Submit(const char *message, Size len)
+{
+    SharedState *state = Shared();
+    if (state == nullptr || MyProc == nullptr)
+        ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pg_peerpool shared memory is not initialized"),
+                        errhint("Add pg_peerpool to shared_preload_libraries and restart the "
+                                "server.")));
+    if (!callbacks_registered) {
+        RegisterXactCallback(XactCallback, nullptr);
+        RegisterSubXactCallback(SubXactCallback, nullptr);
+        before_shmem_exit(ExitCallback, 0);
+        callbacks_registered = true;
+    }
+    Abandon(); // nothing should be active; be safe
+
+    uint32 procno_plus1 = pg_atomic_read_u32(&state->worker_procno_plus1);
+    if (procno_plus1 == 0)
+        ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE),
+                        errmsg("the pg_peerpool pool manager is not running"),
+                        errhint("It restarts automatically within seconds after a crash or "
+                                "termination; check the server log.")));
+
+    RequestSlot *slot = GetRequestSlot(MyProc->pgprocno);
+    // The slot is busy only while the pool manager still cleans up an abandoned request.
+    TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), kSlotFreeTimeoutMs);
+    for (;;) {
+        SpinLockAcquire(&slot->mutex);
+        bool is_free = slot->state == REQUEST_SLOT_FREE;
+        SpinLockRelease(&slot->mutex);
+        if (is_free)
+            break;
+        if (GetCurrentTimestamp() >= deadline)
+            ereport(ERROR, (errcode(ERRCODE_OBJECT_IN_USE),
+                            errmsg("the previous pg_peerpool request of this session is still "
+                                   "being cancelled")));
+        pg_atomic_fetch_add_u64(&state->request_events, 1);
+        WakePoolManager();
+        (void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10,
+                        PG_WAIT_EXTENSION);
+        ResetLatch(MyLatch);
+        CHECK_FOR_INTERRUPTS();
+    }
+
+    PGPROC *worker = &ProcGlobal->allProcs[procno_plus1 - 1];
+    shm_mq *request_queue = shm_mq_create(SlotRequestQueue(slot), kRequestQueueSize);
+    shm_mq_set_sender(request_queue, MyProc);
+    shm_mq_set_receiver(request_queue, worker);
+    shm_mq *response_queue = shm_mq_create(SlotResponseQueue(slot), kResponseQueueSize);
+    shm_mq_set_sender(response_queue, worker);
+    shm_mq_set_receiver(response_queue, MyProc);
+
+    MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+    current.send = shm_mq_attach(request_queue, nullptr, nullptr);
+    current.recv = shm_mq_attach(response_queue, nullptr, nullptr);
+    MemoryContextSwitchTo(old);
+    current.slot = slot;
+    current.worker_procno_plus1 = procno_plus1;
+    current.generation = pg_atomic_read_u32(&state->worker_generation);
+    current.active = true;
+
+    SpinLockAcquire(&slot->mutex);
+    slot->state = REQUEST_SLOT_SUBMITTED;
+    slot->cancel = false;
+    slot->worker_generation = current.generation;
+    slot->request_id++;
+    slot->backend_pid = MyProcPid;
+    SpinLockRelease(&slot->mutex);
+    pg_atomic_fetch_add_u64(&state->request_events, 1);
+    SetLatch(&worker->procLatch);
+
+    for (;;) {
+        shm_mq_result r = shm_mq_send(current.send, len, message, true, true);
+        if (r == SHM_MQ_SUCCESS)
+            break;
+        if (r == SHM_MQ_DETACHED)
+            WorkerGone();
+        WaitForWorker();
+    }
+}
+
+void Receive(Size *len, const char **data)
+{
+    for (;;) {
+        void *raw = nullptr;
+        shm_mq_result r = shm_mq_receive(current.recv, len, &raw, true);
+        if (r == SHM_MQ_SUCCESS) {
+            *data = static_cast<const char *>(raw);
+            return;
+        }
+        if (r == SHM_MQ_DETACHED)
+            WorkerGone();
+        WaitForWorker();
+    }
+}
+
+void Finish()
+{
+    if (!current.active)
+        return;
+    current.active = false;
+    shm_mq_detach(current.send);
+    shm_mq_detach(current.recv);
+    current.send = current.recv = nullptr;
+}
+
+} // namespace peerpool::channel
