@@ -87,10 +87,21 @@ psql_c -c "SELECT pid, backend_type, datname FROM pg_stat_activity WHERE backend
 as_test_user "$PG_BINDIR/psql" -X -q -h 127.0.0.1 -p "$PEER1_PORT" -d postgres \
     -c "SELECT pid, application_name, state FROM pg_stat_activity WHERE application_name = 'pg_peerpool'"
 
+echo "== parallel_query: one question to every node at once"
+psql_c -c "SELECT node_name, success, result, error, round(elapsed_ms::numeric, 2) AS elapsed_ms
+             FROM peerpool.parallel_query('SELECT current_setting(''port'')::int AS port, pg_is_in_recovery() AS standby, pg_database_size(''postgres'') AS bytes')"
+echo "== pool_query: one node, chosen by target and peerpool.load_balance (round_robin)"
+psql_c -c "SELECT * FROM peerpool.pool_query('SELECT current_setting(''port'') AS port', 'read') AS t(port text)
+           UNION ALL
+           SELECT * FROM peerpool.pool_query('SELECT current_setting(''port'') AS port', 'read') AS t(port text)"
+
 echo "== a transition: stopping peer2 in immediate mode, then starting it again"
 as_test_user "$PG_BINDIR/pg_ctl" -D "$DIR/peer2" -m immediate stop >/dev/null
 wait_for "SELECT state <> 'healthy' FROM peerpool.node_health WHERE node_name = 'peer2'"
 psql_c -c "SELECT node_name, state, retry_attempt, next_retry_at, last_error FROM peerpool.node_health WHERE node_name = 'peer2'"
+echo "== parallel_query with peer2 down: partial failure, the healthy node answers at once"
+psql_c -c "SELECT node_name, success, result, left(error, 70) AS error, round(elapsed_ms::numeric, 2) AS elapsed_ms
+             FROM peerpool.parallel_query('SELECT pg_sleep(0.2), 1 AS ok')"
 as_test_user "$PG_BINDIR/pg_ctl" -D "$DIR/peer2" -l "$DIR/peer2.log" -w start >/dev/null
 wait_for "SELECT state = 'healthy' FROM peerpool.node_health WHERE node_name = 'peer2'"
 echo "== peerpool.events for peer2 (newest first)"

@@ -19,7 +19,7 @@ SELECT peerpool._assert_installable();
 CREATE TABLE peerpool.node (
     node_name       text        NOT NULL PRIMARY KEY
                     CHECK (node_name ~ '^[A-Za-z0-9_.-]{1,63}$'),
-    conninfo        text        NOT NULL,
+    conninfo        text        NOT NULL CHECK (btrim(conninfo) <> ''),
     min_connections integer     NOT NULL DEFAULT 1  CHECK (min_connections >= 0),
     max_connections integer     NOT NULL DEFAULT 10 CHECK (max_connections >= 1),
     role            text        NOT NULL DEFAULT 'auto'

@@ -1,6 +1,8 @@
 // Shared memory sizing, allocation and the small helpers every process uses to reach it.
 #include "pg_peerpool/shmem.hpp"
 
+#include <algorithm>
+
 #include "pg_peerpool/guc.hpp"
 #include "pg_peerpool/pg/guard.hpp"
 
@@ -120,6 +122,17 @@ void InstallShmemHooks()
 }
 
 SharedState *Shared() { return shared; }
+
+void CopyClipped(char *dst, size_t size, const std::string &src)
+{
+    size_t n = std::min(src.size(), size - 1);
+    // Never end inside a multibyte character (continuation bytes are 10xxxxxx).
+    if (n < src.size())
+        while (n > 0 && (static_cast<unsigned char>(src[n]) & 0xC0) == 0x80)
+            n--;
+    memcpy(dst, src.data(), n);
+    dst[n] = '\0';
+}
 
 int NumRequestSlots() { return num_request_slots; }
 

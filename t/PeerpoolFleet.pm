@@ -36,6 +36,7 @@ use strict;
 use warnings FATAL => 'all';
 
 use Carp;
+use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -616,6 +617,193 @@ sub tcp_clients_to
 		}
 	}
 	return $n;
+}
+
+=item timed_psql($node, $sql, %opts)
+
+Run C<$sql> with C<safe_psql> and measure it with Time::HiRes (psql start-up
+included). Returns (seconds, stdout). C<dbname> option (default C<postgres>).
+
+=cut
+
+sub timed_psql
+{
+	my ($node, $sql, %opts) = @_;
+	my $start = time;
+	my $out = $node->safe_psql($opts{dbname} // 'postgres', $sql);
+	return (time - $start, $out);
+}
+
+=item psql_start($node, \@commands, %opts) / psql_finish($handle, %opts)
+
+Start psql in the background (IPC::Run) with one C<-c> per command, without
+waiting for it: a caller whose statement a test cancels, terminates or runs
+concurrently with others. Options: C<application_name> (so the test can find
+the backend in pg_stat_activity), C<dbname> (default C<postgres>). psql runs
+with C<VERBOSITY verbose>, so errors carry their SQLSTATE. C<psql_finish> waits
+for it (C<timeout> option, seconds, default $DEFAULT_TIMEOUT; killed after
+that) and returns (exit code, stdout, stderr); the handle also records
+C<started> and C<finished> (Time::HiRes times).
+
+=cut
+
+sub psql_start
+{
+	my ($node, $commands, %opts) = @_;
+	my $h = { out => '', err => '' };
+	my $connstr = $node->connstr($opts{dbname} // 'postgres');
+	$connstr .= ' application_name=' . $opts{application_name}
+	  if defined $opts{application_name};
+	$h->{timer} = IPC::Run::timer($opts{timeout} // $DEFAULT_TIMEOUT);
+	$h->{started} = time;
+	$h->{run} = IPC::Run::start(
+		[
+			$node->installed_command('psql'), '-XAtq', '-v', 'VERBOSITY=verbose',
+			'-d', $connstr, map { ('-c', $_) } @$commands
+		],
+		'<', \undef, '>', \$h->{out}, '2>', \$h->{err}, $h->{timer});
+	return $h;
+}
+
+sub psql_finish
+{
+	my ($h) = @_;
+	eval { $h->{run}->finish; 1 } or do
+	{
+		diag "psql_finish: $@";
+		$h->{run}->kill_kill;
+	};
+	$h->{finished} //= time;
+	my $ret = $h->{run}->result // -1;
+	return ($ret, $h->{out}, $h->{err});
+}
+
+=item psql_running($handle)
+
+Whether a C<psql_start> process still runs (pumps its output without waiting).
+Records C<finished> the first time it is seen done.
+
+=cut
+
+sub psql_running
+{
+	my ($h) = @_;
+	return 0 if defined $h->{finished};
+	$h->{run}->pump_nb if $h->{run}->pumpable;
+	return 1 if $h->{run}->pumpable;
+	$h->{finished} = time;
+	return 0;
+}
+
+=item stat_watch_start($session, $query, $timeout_s)
+
+Like C<watch_start> (finish with C<watch_finish>), but the poll clears the
+statistics snapshot before each evaluation (C<pg_stat_clear_snapshot()>), so
+C<$query> may read C<pg_stat_activity> afresh on every poll. For a session on a
+peer: watch its remote sessions appear or go away.
+
+=cut
+
+sub stat_watch_start
+{
+	my ($session, $query, $timeout) = @_;
+	$timeout //= $DEFAULT_TIMEOUT;
+	if (!$session->{peerpool_stat_seen_at})
+	{
+		$session->query_safe(q{
+CREATE FUNCTION pg_temp.peerpool_stat_seen_at(q text, timeout_s float8) RETURNS float8
+LANGUAGE plpgsql AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
+    done boolean;
+BEGIN
+    LOOP
+        PERFORM pg_stat_clear_snapshot();
+        EXECUTE q INTO done;
+        IF coalesce(done, false) THEN RETURN extract(epoch FROM clock_timestamp()); END IF;
+        IF clock_timestamp() > deadline THEN RETURN NULL; END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+END $$});
+		$session->{peerpool_stat_seen_at} = 1;
+	}
+	my $out = $session->query_until(qr/peerpool_watch_started\r?\n/,
+		"\\echo peerpool_watch_started\n"
+		  . sprintf("SELECT pg_temp.peerpool_stat_seen_at(%s, %s);\n", quote($query), $timeout));
+	$out =~ s/^.*peerpool_watch_started\r?\n//s;
+	$session->{peerpool_watch_out} = $out;
+	return;
+}
+
+=item stat_sample_start($session, $query, $duration_s) / stat_sample_finish($session)
+
+Evaluate C<$query> (one integer, e.g. a count over pg_stat_activity) every
+millisecond for C<$duration_s> seconds inside the server, with a fresh
+statistics snapshot each time, without waiting; C<stat_sample_finish> waits and
+returns (maximum, number of samples).
+
+=cut
+
+sub stat_sample_start
+{
+	my ($session, $query, $duration) = @_;
+	if (!$session->{peerpool_stat_max})
+	{
+		$session->query_safe(q{
+CREATE FUNCTION pg_temp.peerpool_stat_max(q text, secs float8, OUT max_value bigint, OUT samples bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => secs);
+    v bigint;
+BEGIN
+    max_value := NULL;
+    samples := 0;
+    WHILE clock_timestamp() < deadline LOOP
+        PERFORM pg_stat_clear_snapshot();
+        EXECUTE q INTO v;
+        samples := samples + 1;
+        IF max_value IS NULL OR v > max_value THEN max_value := v; END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+END $$});
+		$session->{peerpool_stat_max} = 1;
+	}
+	my $out = $session->query_until(qr/peerpool_sample_started\r?\n/,
+		"\\echo peerpool_sample_started\n"
+		  . sprintf("SELECT max_value, samples FROM pg_temp.peerpool_stat_max(%s, %s);\n",
+			quote($query), $duration));
+	$out =~ s/^.*peerpool_sample_started\r?\n//s;
+	$session->{peerpool_sample_out} = $out;
+	return;
+}
+
+sub stat_sample_finish
+{
+	my ($session) = @_;
+	my $out = (delete $session->{peerpool_sample_out} // '') . $session->query('');
+	my ($line) = grep { /\S/ } split /\r?\n/, $out;
+	return split /\|/, ($line // '|');
+}
+
+=item proc_memory_kb($pid)
+
+C<VmRSS> and C<VmHWM> (peak RSS) of a process in kB, from /proc (Linux), as a
+hashref C<{ rss =E<gt> ..., hwm =E<gt> ... }>.
+
+=cut
+
+sub proc_memory_kb
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/status") or croak "cannot read /proc/$pid/status: $!";
+	my %mem;
+	while (my $line = <$fh>)
+	{
+		$mem{rss} = $1 if $line =~ /^VmRSS:\s+(\d+)\s+kB/;
+		$mem{hwm} = $1 if $line =~ /^VmHWM:\s+(\d+)\s+kB/;
+	}
+	close $fh;
+	return \%mem;
 }
 
 =back

@@ -8,6 +8,8 @@
 // Nothing process-local lives here: no pointers but the LWLock (itself in shared memory).
 #pragma once
 
+#include <string>
+
 extern "C" {
 #include "postgres.h"
 #include "datatype/timestamp.h"
@@ -167,6 +169,9 @@ void InitNodeSlot(NodeSlot &slot);
 
 // Finds the slot of a node by name; -1 if none. Caller holds the lock (any mode).
 int FindNodeSlot(const SharedState &state, const char *name);
+
+// Copies `src` into a fixed-size shared-memory field, cutting at a UTF-8 character boundary.
+void CopyClipped(char *dst, size_t size, const std::string &src);
 
 // The attached shared state, or nullptr when the library was not preloaded.
 SharedState *Shared();

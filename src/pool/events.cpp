@@ -70,12 +70,14 @@ void EventLog::Record(const std::string &node, NodeState from, NodeState to,
 {
     SharedState &state = RequireShared();
     LWLockAcquire(state.lock, LW_EXCLUSIVE);
+    char e_reason[kReasonSize];
+    CopyClipped(e_reason, sizeof(e_reason), reason);
     EventRecord &e = state.events[state.events_written % kEventRingSize];
     e.at = at;
     strlcpy(e.node_name, node.c_str(), sizeof(e.node_name));
     e.from_state = from;
     e.to_state = to;
-    strlcpy(e.reason, reason.c_str(), sizeof(e.reason));
+    CopyClipped(e.reason, sizeof(e.reason), reason);
     state.events_written++;
     LWLockRelease(state.lock);
 
@@ -87,7 +89,7 @@ void EventLog::Record(const std::string &node, NodeState from, NodeState to,
     std::string payload = "{\"node_name\": " + JsonString(node) +
                           ", \"from\": " + JsonString(NodeStateName(from)) +
                           ", \"to\": " + JsonString(NodeStateName(to)) +
-                          ", \"reason\": " + JsonString(reason.substr(0, kReasonSize - 1)) +
+                          ", \"reason\": " + JsonString(std::string(e_reason)) +
                           ", \"at\": " + JsonString(FormatTimestampUtc(at)) + "}";
     // Bounded: a worker that cannot notify (e.g. a hot standby coordinator) keeps the newest.
     if (pending_.size() >= 1000)

@@ -253,8 +253,9 @@ void Node::StartCheck(TimestampTz now)
     }
     Connection *conn = OpenConnection(now, true);
     if (conn == nullptr) {
-        CheckFailed("no connection available within peerpool.max_total_connections", "", false,
-                    false, now);
+        CheckFailed("no connection available (peerpool.max_total_connections reached, or the "
+                    "pool manager's file descriptor allowance is spent)",
+                    "", false, false, now);
         return;
     }
     check_phase_ = CHECK_CONNECTING;
@@ -383,8 +384,8 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
             std::string reason =
                 state_ == NODE_STATE_CONNECTING
                     ? Format("connected; %s detected", NodeRoleName(role_))
-                    : Format("recovered after %d failed attempts; %s detected", retry_attempt_,
-                             NodeRoleName(role_));
+                    : Format("recovered after %d failed attempt%s; %s detected", retry_attempt_,
+                             retry_attempt_ == 1 ? "" : "s", NodeRoleName(role_));
             if (!degraded_reason.empty())
                 reason += "; " + degraded_reason;
             retry_attempt_ = 0;
@@ -751,7 +752,7 @@ void Node::Publish() const
     slot.last_check = last_check_;
     slot.last_success = last_success_;
     slot.consecutive_failures = consecutive_failures_;
-    strlcpy(slot.last_error, last_error_.c_str(), sizeof(slot.last_error));
+    CopyClipped(slot.last_error, sizeof(slot.last_error), last_error_);
     strlcpy(slot.last_sqlstate, last_sqlstate_.c_str(), sizeof(slot.last_sqlstate));
     slot.latency_ms = latency_ms_;
     slot.replication_lag_ms = lag_ms_;

@@ -11,6 +11,7 @@
 #include "pg_peerpool/shmem.hpp"
 
 extern "C" {
+#include "storage/proc.h"
 #include "storage/spin.h"
 #include "utils/elog.h"
 #include "utils/memutils.h"
@@ -73,6 +74,8 @@ Request::~Request()
     SpinLockAcquire(&s->mutex);
     s->state = REQUEST_SLOT_FREE;
     SpinLockRelease(&s->mutex);
+    // The slot's owner may already wait to send its next request (slot index = PGPROC number).
+    SetLatch(&ProcGlobal->allProcs[slot_].procLatch);
 }
 
 void Request::Step(TimestampTz now)
@@ -227,6 +230,14 @@ void Request::FinishTask(int index, bool success, const std::string &sqlstate,
     w.Str(success ? "" : sqlstate).Str(success ? "" : message);
     w.Str(success ? "" : t.detail).Str(success ? "" : t.hint);
     Queue(std::move(w.buffer()), true);
+    // The last answer carries the end marker in the same batch: one wake fewer for the caller.
+    bool all_done = true;
+    for (const Task &task : tasks_)
+        all_done = all_done && task.state == TASK_DONE;
+    if (all_done && launched_ && !end_queued_) {
+        Queue(std::string(1, 'E'), true);
+        end_queued_ = true;
+    }
 }
 
 bool Request::OnGrant(int task, Node &, Connection &conn, TimestampTz now)
