@@ -745,20 +745,36 @@ void Node::CollectSockets(std::vector<SocketInterest> &out) const
 void Node::Publish() const
 {
     NodeSlot &slot = Slot();
-    LWLockAcquire(State().lock, LW_EXCLUSIVE);
-    slot.state = state_;
-    slot.detected_role = role_;
-    slot.state_since = state_since_;
-    slot.last_check = last_check_;
-    slot.last_success = last_success_;
-    slot.consecutive_failures = consecutive_failures_;
-    CopyClipped(slot.last_error, sizeof(slot.last_error), last_error_);
-    strlcpy(slot.last_sqlstate, last_sqlstate_.c_str(), sizeof(slot.last_sqlstate));
-    slot.latency_ms = latency_ms_;
-    slot.replication_lag_ms = lag_ms_;
-    slot.retry_attempt = retry_attempt_;
-    slot.next_retry_at = state_ == NODE_STATE_RECONNECTING && good_checks_ == 0 ? next_retry_at_ : 0;
-    LWLockRelease(State().lock);
+    Published now{state_,
+                  role_,
+                  state_since_,
+                  last_check_,
+                  last_success_,
+                  state_ == NODE_STATE_RECONNECTING && good_checks_ == 0 ? next_retry_at_ : 0,
+                  consecutive_failures_,
+                  retry_attempt_,
+                  latency_ms_,
+                  lag_ms_,
+                  last_error_,
+                  last_sqlstate_};
+    if (!ever_published_ || !(now == published_)) {
+        LWLockAcquire(State().lock, LW_EXCLUSIVE);
+        slot.state = now.state;
+        slot.detected_role = now.role;
+        slot.state_since = now.state_since;
+        slot.last_check = now.last_check;
+        slot.last_success = now.last_success;
+        slot.consecutive_failures = now.consecutive_failures;
+        CopyClipped(slot.last_error, sizeof(slot.last_error), now.last_error);
+        strlcpy(slot.last_sqlstate, now.last_sqlstate.c_str(), sizeof(slot.last_sqlstate));
+        slot.latency_ms = now.latency_ms;
+        slot.replication_lag_ms = now.lag_ms;
+        slot.retry_attempt = now.retry_attempt;
+        slot.next_retry_at = now.next_retry_at;
+        LWLockRelease(State().lock);
+        published_ = std::move(now);
+        ever_published_ = true;
+    }
 
     int active = ConnectionCount(CONN_STATE_CHECKING) + ConnectionCount(CONN_STATE_BUSY);
     pg_atomic_write_u32(&slot.waiting, static_cast<uint32>(waiters_.size()));

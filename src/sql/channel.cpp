@@ -154,8 +154,8 @@ void Submit(const char *message, Size len)
     slot->backend_pid = MyProcPid;
     SpinLockRelease(&slot->mutex);
     pg_atomic_fetch_add_u64(&state->request_events, 1);
-    SetLatch(&worker->procLatch);
 
+    // The send publishes the request and sets the pool manager's latch (force_flush).
     for (;;) {
         shm_mq_result r = shm_mq_send(current.send, len, message, true, true);
         if (r == SHM_MQ_SUCCESS)

@@ -23,6 +23,9 @@ namespace peerpool {
 namespace {
 
 constexpr size_t kOutboxLimit = 256 * 1024;
+// Rows are published to the caller in batches of about half the response queue; answers
+// ('D'), failures ('X') and the end ('E') at once. A small result thus wakes the caller once.
+constexpr size_t kPublishBytes = kResponseQueueSize / 2;
 
 std::string SqlState(int sqlerrcode)
 {
@@ -190,7 +193,7 @@ void Request::Launch(TimestampTz now)
         t.node = n->name();
         tasks_.push_back(std::move(t));
     }
-    Queue(std::move(names.buffer()), true);
+    Queue(std::move(names.buffer()), false);
 
     // Tasks are all in place before the first Enqueue: a grant may call back at once.
     for (size_t i = 0; i < targets.size(); i++) {
@@ -416,6 +419,11 @@ void Request::Queue(std::string message, bool flush)
 
 void Request::Flush()
 {
+    bool urgent = outbox_bytes_ >= kPublishBytes;
+    for (const auto &m : outbox_)
+        urgent = urgent || m.second;
+    if (!urgent)
+        return; // nothing the caller needs yet: keep batching
     while (!outbox_.empty() && !abandoned_) {
         auto &[message, force] = outbox_.front();
         // Publish at the end of every batch: the caller must see all we have queued.

@@ -203,6 +203,28 @@ private:
     double latency_ms_ = -1;
     double lag_ms_ = -1;
 
+    // What Publish() last wrote, so an unchanged node costs no exclusive lock per wake.
+    struct Published {
+        NodeState state;
+        NodeRole role;
+        TimestampTz state_since, last_check, last_success, next_retry_at;
+        int consecutive_failures, retry_attempt;
+        double latency_ms, lag_ms;
+        std::string last_error, last_sqlstate;
+        bool operator==(const Published &o) const
+        {
+            return state == o.state && role == o.role && state_since == o.state_since &&
+                   last_check == o.last_check && last_success == o.last_success &&
+                   next_retry_at == o.next_retry_at &&
+                   consecutive_failures == o.consecutive_failures &&
+                   retry_attempt == o.retry_attempt && latency_ms == o.latency_ms &&
+                   lag_ms == o.lag_ms && last_error == o.last_error &&
+                   last_sqlstate == o.last_sqlstate;
+        }
+    };
+    mutable Published published_{};
+    mutable bool ever_published_ = false;
+
     std::deque<Waiter> waiters_;
     std::map<uint64, Lease> leases_; // conn id -> lease (connections in CONN_STATE_BUSY)
     std::map<uint64, Job> jobs_;     // conn id -> our own query in flight
