@@ -206,25 +206,8 @@ bool Connection::OnSocketReady()
 
 bool Connection::SendUserQuery(const std::string &sql, TimestampTz now)
 {
-    outcome_ = QueryOutcome();
-    query_finished_ = false;
-    query_started_ = now;
-    last_used_ = now;
-    if (PQsendQuery(conn_, sql.c_str()) == 0) {
-        MarkBroken(OneLine(PQerrorMessage(conn_)));
-        return false;
-    }
     // Rows arrive one by one: the pool manager never holds a whole result set.
-    PQsetSingleRowMode(conn_);
-    state_ = CONN_STATE_BUSY;
-    paused_ = false;
-    int rc = PQflush(conn_);
-    if (rc < 0) {
-        MarkBroken(OneLine(PQerrorMessage(conn_)));
-        return false;
-    }
-    flush_pending_ = rc == 1;
-    return true;
+    return Start(sql, now, CONN_STATE_BUSY);
 }
 
 // Drains every result that is ready. Returns true when the query is complete.
@@ -276,16 +259,24 @@ bool Connection::ReadResults()
 
 bool Connection::SendQuery(const std::string &sql, TimestampTz now, TimestampTz deadline)
 {
+    deadline_ = deadline;
+    return Start(sql, now, CONN_STATE_CHECKING);
+}
+
+bool Connection::Start(const std::string &sql, TimestampTz now, ConnState running)
+{
     outcome_ = QueryOutcome();
     query_finished_ = false;
     query_started_ = now;
-    deadline_ = deadline;
     last_used_ = now;
+    paused_ = false;
     if (PQsendQuery(conn_, sql.c_str()) == 0) {
         MarkBroken(OneLine(PQerrorMessage(conn_)));
         return false;
     }
-    state_ = CONN_STATE_CHECKING;
+    if (running == CONN_STATE_BUSY)
+        PQsetSingleRowMode(conn_);
+    state_ = running;
     int rc = PQflush(conn_);
     if (rc < 0) {
         MarkBroken(OneLine(PQerrorMessage(conn_)));

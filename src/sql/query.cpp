@@ -41,9 +41,9 @@ struct Cursor {
 
 void Malformed() { elog(ERROR, "malformed response from the pg_peerpool pool manager"); }
 
-uint32 GetU32(Cursor &c)
+template <typename T> T Get(Cursor &c)
 {
-    uint32 v;
+    T v;
     if (c.end - c.p < static_cast<long>(sizeof(v)))
         Malformed();
     memcpy(&v, c.p, sizeof(v));
@@ -51,22 +51,9 @@ uint32 GetU32(Cursor &c)
     return v;
 }
 
-uint8 GetU8(Cursor &c)
-{
-    if (c.end - c.p < 1)
-        Malformed();
-    return static_cast<uint8>(*c.p++);
-}
-
-double GetF64(Cursor &c)
-{
-    double v;
-    if (c.end - c.p < static_cast<long>(sizeof(v)))
-        Malformed();
-    memcpy(&v, c.p, sizeof(v));
-    c.p += sizeof(v);
-    return v;
-}
+uint32 GetU32(Cursor &c) { return Get<uint32>(c); }
+uint8 GetU8(Cursor &c) { return Get<uint8>(c); }
+double GetF64(Cursor &c) { return Get<double>(c); }
 
 // A palloc'd NUL-terminated copy of a length-prefixed string.
 char *GetStr(Cursor &c)
@@ -90,6 +77,18 @@ char *GetField(Cursor &c)
     char *s = pnstrdup(c.p, static_cast<Size>(len));
     c.p += len;
     return s;
+}
+
+// Reads the next response message; returns its tag and points `c` at its body.
+char NextMessage(Cursor &c)
+{
+    Size size = 0;
+    const char *data = nullptr;
+    channel::Receive(&size, &data);
+    if (size == 0)
+        Malformed();
+    c = Cursor{data + 1, data + size};
+    return data[0];
 }
 
 // The 'X' message: the request failed as a whole.
@@ -179,13 +178,8 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
     NodeResult *nodes = nullptr;
     uint32 nnodes = 0;
     for (;;) {
-        Size size = 0;
-        const char *data = nullptr;
-        channel::Receive(&size, &data);
-        Cursor c{data + 1, data + size};
-        if (size == 0)
-            Malformed();
-        char tag = data[0];
+        Cursor c{nullptr, nullptr};
+        char tag = NextMessage(c);
         if (tag == 'E')
             break;
         switch (tag) {
@@ -326,13 +320,8 @@ void RunPoolQuery(FunctionCallInfo fcinfo, const char *message, Size len)
     error_context_stack = &callback;
 
     for (;;) {
-        Size size = 0;
-        const char *data = nullptr;
-        channel::Receive(&size, &data);
-        if (size == 0)
-            Malformed();
-        Cursor c{data + 1, data + size};
-        char tag = data[0];
+        Cursor c{nullptr, nullptr};
+        char tag = NextMessage(c);
         if (tag == 'E')
             break;
         switch (tag) {

@@ -94,19 +94,17 @@ void ResetCounters(SharedState *state)
     }
 }
 
-// Waits until the pool manager has applied every registry change committed before this call
-// (so a node added by the caller's previous statement is known). Returns false on timeout.
-bool WaitForRegistry(SharedState *state, long timeout_ms)
+// Sleeps on check_cv until done(arg) holds, the pool manager is gone, or timeout_ms passed.
+// PostgreSQL calls only; interrupts are honoured while waiting. Returns done(arg).
+bool WaitOnCheckCv(SharedState *state, bool (*done)(SharedState *, void *), void *arg,
+                   long timeout_ms)
 {
-    uint64 target = pg_atomic_read_u64(&state->registry_generation);
     TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
-    bool done = false;
+    bool ok = false;
     ConditionVariablePrepareToSleep(&state->check_cv);
     for (;;) {
-        LWLockAcquire(state->lock, LW_SHARED);
-        done = state->loaded_generation >= target;
-        LWLockRelease(state->lock);
-        if (done || pg_atomic_read_u32(&state->worker_procno_plus1) == 0)
+        ok = done(state, arg);
+        if (ok || pg_atomic_read_u32(&state->worker_procno_plus1) == 0)
             break;
         long left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
         if (left <= 0)
@@ -114,7 +112,23 @@ bool WaitForRegistry(SharedState *state, long timeout_ms)
         ConditionVariableTimedSleep(&state->check_cv, Min(left, 100L), PG_WAIT_EXTENSION);
     }
     ConditionVariableCancelSleep();
-    return done;
+    return ok;
+}
+
+// Waits until the pool manager has applied every registry change committed before this call
+// (so a node added by the caller's previous statement is known).
+bool WaitForRegistry(SharedState *state, long timeout_ms)
+{
+    uint64 target = pg_atomic_read_u64(&state->registry_generation);
+    return WaitOnCheckCv(
+        state,
+        [](SharedState *s, void *arg) {
+            LWLockAcquire(s->lock, LW_SHARED);
+            bool loaded = s->loaded_generation >= *static_cast<uint64 *>(arg);
+            LWLockRelease(s->lock);
+            return loaded;
+        },
+        &target, timeout_ms);
 }
 
 struct CheckWait {
@@ -126,34 +140,35 @@ struct CheckWait {
 // Asks for a check of the given slots and waits until each is served, the deadline passes, or
 // the pool manager goes away. PostgreSQL calls only; interrupts are honoured while waiting.
 // Returns the number of nodes not served in time.
+struct CheckBatch {
+    CheckWait *waits;
+    int count;
+    int pending;
+};
+
 int RequestChecksAndWait(SharedState *state, CheckWait *waits, int count, long timeout_ms)
 {
     for (int i = 0; i < count; i++)
         waits[i].target = pg_atomic_add_fetch_u64(&state->nodes[waits[i].slot].check_requested, 1);
     WakePoolManager();
-
-    TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
-    int pending = count;
-    ConditionVariablePrepareToSleep(&state->check_cv);
-    for (;;) {
-        pending = 0;
-        for (int i = 0; i < count; i++) {
-            NodeSlot &n = state->nodes[waits[i].slot];
-            LWLockAcquire(state->lock, LW_SHARED);
-            bool same_node = n.in_use && strcmp(n.name, waits[i].name) == 0;
-            LWLockRelease(state->lock);
-            if (same_node && pg_atomic_read_u64(&n.check_completed) < waits[i].target)
-                pending++;
-        }
-        if (pending == 0 || pg_atomic_read_u32(&state->worker_procno_plus1) == 0)
-            break;
-        long left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
-        if (left <= 0)
-            break;
-        ConditionVariableTimedSleep(&state->check_cv, Min(left, 100L), PG_WAIT_EXTENSION);
-    }
-    ConditionVariableCancelSleep();
-    return pending;
+    CheckBatch batch{waits, count, count};
+    WaitOnCheckCv(
+        state,
+        [](SharedState *s, void *arg) {
+            auto *b = static_cast<CheckBatch *>(arg);
+            b->pending = 0;
+            for (int i = 0; i < b->count; i++) {
+                NodeSlot &n = s->nodes[b->waits[i].slot];
+                LWLockAcquire(s->lock, LW_SHARED);
+                bool same_node = n.in_use && strcmp(n.name, b->waits[i].name) == 0;
+                LWLockRelease(s->lock);
+                if (same_node && pg_atomic_read_u64(&n.check_completed) < b->waits[i].target)
+                    b->pending++;
+            }
+            return b->pending == 0;
+        },
+        &batch, timeout_ms);
+    return batch.pending;
 }
 
 } // namespace

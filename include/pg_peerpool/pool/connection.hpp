@@ -94,6 +94,7 @@ public:
 
 private:
     static void NoticeReceiver(void *arg, const PGresult *res);
+    bool Start(const std::string &sql, TimestampTz now, ConnState running);
     bool ReadResults();
 
     uint64 id_;
