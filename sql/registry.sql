@@ -121,6 +121,11 @@ SELECT peerpool.pool_add_node('m' || i, 'host=127.0.0.1') FROM generate_series(1
 SELECT count(*) AS nodes FROM peerpool.node;
 SELECT peerpool.pool_add_node('m6', 'host=127.0.0.1');
 SELECT count(*) AS nodes_after_refusal FROM peerpool.node;
+-- Also when the calls come in one statement (each call sees the rows added before it).
+SELECT peerpool.pool_remove_node('m5');
+SELECT peerpool.pool_add_node('x' || i, 'host=127.0.0.1') FROM generate_series(1, 3) i;
+SELECT count(*) AS nodes_after_batch_refusal FROM peerpool.node;
+SELECT peerpool.pool_add_node('m5', 'host=127.0.0.1');
 SELECT pg_temp.wait_for_health('{m1,m2,m3,m4,m5,n1,n2,n4}');
 
 -- Direct DML is held to the same rules by CHECK constraints, and wakes the worker too.

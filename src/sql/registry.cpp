@@ -105,7 +105,9 @@ void AddNodeSpi(const char *name, const char *conninfo, int32 min_conn, int32 ma
                         errmsg("node \"%s\" already exists", name),
                         errhint("Use pool_alter_node() to change it.")));
 
-    if (SPI_execute("SELECT count(*) FROM peerpool.node", true, 0) != SPI_OK_SELECT)
+    // read_only = false: see rows added earlier in this same statement (e.g. several
+    // pool_add_node calls in one SELECT), or they would slip past the limit.
+    if (SPI_execute("SELECT count(*) FROM peerpool.node", false, 0) != SPI_OK_SELECT)
         elog(ERROR, "could not count nodes");
     bool isnull = false;
     int64 count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
