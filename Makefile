@@ -51,13 +51,16 @@ PG_CONFIG ?= pg_config
 endif
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 
-.PHONY: test demo deps sanitize-check installcheck-sanitize
+.PHONY: test demo bench deps sanitize-check installcheck-sanitize
 
 test:
 	bash scripts/test.sh
 
 demo:
 	bash scripts/demo.sh
+
+bench:
+	bash scripts/bench.sh
 
 deps:
 	bash scripts/deps.sh

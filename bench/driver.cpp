@@ -28,7 +28,8 @@
 #include <thread>
 #include <vector>
 
-namespace {
+namespace
+{
 
 using Clock = std::chrono::steady_clock;
 
@@ -161,8 +162,8 @@ void NoteError(ClientResult &r, const std::string &message)
 {
     r.errors++;
     std::string m = Trim(message);
-    if (r.messages.size() < 3 && std::find(r.messages.begin(), r.messages.end(), m) ==
-                                     r.messages.end())
+    if (r.messages.size() < 3 &&
+        std::find(r.messages.begin(), r.messages.end(), m) == r.messages.end())
         r.messages.push_back(m);
 }
 
@@ -195,10 +196,10 @@ bool RunOnce(const Options &o, PGconn *conn, ClientResult &r)
         return false;
     }
     if (o.has_expect) {
-        std::string got = (st == PGRES_TUPLES_OK && PQntuples(res.get()) > 0 &&
-                           PQnfields(res.get()) > 0)
-                              ? PQgetvalue(res.get(), 0, 0)
-                              : std::string("<no rows>");
+        std::string got =
+            (st == PGRES_TUPLES_OK && PQntuples(res.get()) > 0 && PQnfields(res.get()) > 0)
+                ? PQgetvalue(res.get(), 0, 0)
+                : std::string("<no rows>");
         if (got != o.expect) {
             NoteError(r, "unexpected result: got " + got + ", expected " + o.expect);
             return false;
@@ -208,8 +209,9 @@ bool RunOnce(const Options &o, PGconn *conn, ClientResult &r)
 }
 
 // Start line: every client connects and warms up, then all start measuring together.
-class StartGate {
-  public:
+class StartGate
+{
+public:
     explicit StartGate(int parties) : waiting_(parties) {}
     void ArriveAndWait()
     {
@@ -230,7 +232,7 @@ class StartGate {
         open_cv_.notify_all();
     }
 
-  private:
+private:
     std::mutex mutex_;
     std::condition_variable all_ready_, open_cv_;
     int waiting_;
@@ -308,11 +310,21 @@ std::string JsonString(const std::string &s)
     std::string out = "\"";
     for (unsigned char c : s) {
         switch (c) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\t': out += "\\t"; break;
-        case '\r': out += "\\r"; break;
+        case '"':
+            out += "\\\"";
+            break;
+        case '\\':
+            out += "\\\\";
+            break;
+        case '\n':
+            out += "\\n";
+            break;
+        case '\t':
+            out += "\\t";
+            break;
+        case '\r':
+            out += "\\r";
+            break;
         default:
             if (c < 0x20) {
                 char buf[8];
@@ -366,8 +378,8 @@ int main(int argc, char **argv)
     Sampler sampler;
     std::thread sampler_thread;
     if (!o.sample_conninfo.empty())
-        sampler_thread = std::thread(SamplerThread, std::cref(o), std::cref(stop_sampler),
-                                     std::ref(sampler));
+        sampler_thread =
+            std::thread(SamplerThread, std::cref(o), std::cref(stop_sampler), std::ref(sampler));
     auto start = Clock::now();
     deadline = start + std::chrono::duration_cast<Clock::duration>(
                            std::chrono::duration<double>(o.duration_s));
@@ -405,8 +417,7 @@ int main(int argc, char **argv)
 
     std::string out = "{\"label\": " + JsonString(o.label) + ", \"tags\": {";
     for (size_t i = 0; i < o.tags.size(); i++)
-        out += (i ? ", " : "") + JsonString(o.tags[i].first) + ": " +
-               JsonString(o.tags[i].second);
+        out += (i ? ", " : "") + JsonString(o.tags[i].first) + ": " + JsonString(o.tags[i].second);
     out += "}, \"sql\": " + JsonString(o.sql);
     out += ", \"clients\": " + std::to_string(o.clients);
     out += ", \"calls\": " + std::to_string(all.size());
@@ -414,7 +425,8 @@ int main(int argc, char **argv)
     out += ", \"warmup_errors\": " + std::to_string(warmup_errors);
     out += ", \"wall_s\": " + JsonNumber(wall_s);
     out += ", \"qps\": " + JsonNumber(wall_s > 0 ? static_cast<double>(all.size()) / wall_s : 0);
-    out += ", \"mean_ms\": " + JsonNumber(all.empty() ? NAN : sum / static_cast<double>(all.size()));
+    out +=
+        ", \"mean_ms\": " + JsonNumber(all.empty() ? NAN : sum / static_cast<double>(all.size()));
     out += ", \"min_ms\": " + JsonNumber(all.empty() ? NAN : all.front());
     out += ", \"p50_ms\": " + JsonNumber(Percentile(all, 50));
     out += ", \"p95_ms\": " + JsonNumber(Percentile(all, 95));
@@ -433,11 +445,12 @@ int main(int argc, char **argv)
     out += "]}";
     std::puts(out.c_str());
     // A one-line human summary on stderr, for the console of `make bench`.
-    std::fprintf(stderr, "  %-34s clients=%-3d calls=%-7zu errors=%-3ld qps=%-9.1f p50=%.3f p95=%.3f "
-                         "p99=%.3f ms\n",
+    std::fprintf(stderr,
+                 "  %-34s clients=%-3d calls=%-7zu errors=%-3ld qps=%-9.1f p50=%.3f p95=%.3f "
+                 "p99=%.3f ms\n",
                  o.label.c_str(), o.clients, all.size(), errors,
-                 wall_s > 0 ? static_cast<double>(all.size()) / wall_s : 0.0,
-                 Percentile(all, 50), Percentile(all, 95), Percentile(all, 99));
+                 wall_s > 0 ? static_cast<double>(all.size()) / wall_s : 0.0, Percentile(all, 50),
+                 Percentile(all, 95), Percentile(all, 99));
     for (const auto &m : messages)
         std::fprintf(stderr, "    error: %s\n", m.c_str());
     return 0;

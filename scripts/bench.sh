@@ -9,13 +9,17 @@
 #   2. the same five with 8 and 32 clients, with pool_query's pool capped at 4 connections,
 #      while the peer's pg_stat_activity is sampled every 50 ms;
 #   3. parallel_query fan-out over 1, 2, 5, 10, 20 nodes against pool_query to each node in turn;
+#   4. a registry of 100 nodes: the time to add one, and to read the views;
+#   5. when strace is installed: the system calls per pool_query call of the calling backend and
+#      of the pool manager (how many wake-ups a call costs);
 # writes raw results under bench/results/ and regenerates docs/benchmarks.md and its SVG plots
 # (bench/report.py), then stops every server it started.
 #
 # It uses the pg_peerpool already installed in the system's PostgreSQL 15 (`make install`,
 # `make test` or `make demo` put it there) and builds nothing else.
 #
-# Knobs (environment): BENCH_SECONDS (measured window of each latency/throughput run, default 5),
+# Knobs (environment): BENCH_SECONDS (measured window of each latency/throughput run, default 5;
+# the latency phase does 3 interleaved rounds of it),
 # BENCH_FANOUT_CALLS (calls per fan-out point, default 20), BENCH_PEERS (default 20; the fan-out
 # uses the node counts that fit).
 set -euo pipefail
@@ -25,10 +29,12 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_SECONDS=${BENCH_SECONDS:-5}
 BENCH_FANOUT_CALLS=${BENCH_FANOUT_CALLS:-20}
 BENCH_PEERS=${BENCH_PEERS:-20}
+LATENCY_ROUNDS=3          # phase 1 runs every method this many times, interleaved
 POOL_MAX=4                # max_connections of every node's pool (SPEC §9: pools of 4)
 DRIVER_TIMEOUT=180        # no single driver run may take longer (a hang is a finding)
 RESULTS=$SRC/bench/results
 BEGAN=$(date +%s)
+LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 say() { echo "bench: $*"; }
 die() { echo "bench: $*" >&2; exit 1; }
@@ -46,6 +52,7 @@ INCLUDEDIR=$("$PG_CONFIG" --includedir)
 [ -f "$INCLUDEDIR/libpq-fe.h" ] || die "libpq-fe.h not found in $INCLUDEDIR; install libpq-dev"
 command -v g++ >/dev/null || die "g++ is needed to build the load driver"
 command -v python3 >/dev/null || die "python3 is needed to write the report"
+SO_MD5=$(md5sum "$PKGLIB/pg_peerpool.so" | cut -c1-12) # the code the coordinator will load
 if [ -f "$SRC/pg_peerpool.so" ] && ! cmp -s "$SRC/pg_peerpool.so" "$PKGLIB/pg_peerpool.so"; then
     say "warning: the installed pg_peerpool.so differs from the one built in this tree"
 fi
@@ -56,9 +63,8 @@ g++ -std=c++17 -O2 -Wall -Wextra -pthread -I"$INCLUDEDIR" "$SRC/bench/driver.cpp
     -L"$("$PG_CONFIG" --libdir)" -lpq
 say "built bench/driver"
 
+rm -rf "$RESULTS" # the results of one run only
 mkdir -p "$RESULTS"
-rm -f "$RESULTS"/runs.jsonl "$RESULTS"/*.json "$RESULTS"/*.csv "$RESULTS"/*.txt
-rm -rf "$RESULTS/logs"
 RUNS=$RESULTS/runs.jsonl
 
 # ---- the fleet ----------------------------------------------------------------------------------
@@ -111,7 +117,8 @@ start_server() { # name port extra-conf
 
 start_server coordinator "$COORD_PORT" "shared_preload_libraries = 'pg_peerpool'
 shared_buffers = 128MB
-max_connections = 100"
+max_connections = 100
+peerpool.max_nodes = 128"
 for i in $(seq 1 "$BENCH_PEERS"); do
     start_server "peer$i" "${PORTS[$i]}" ""
 done
@@ -151,20 +158,36 @@ done
 say "all $BENCH_PEERS nodes healthy in the coordinator's pools (max_connections $POOL_MAX each)"
 
 # ---- the measurements -----------------------------------------------------------------------
+# CPU accounting around each run: the pool manager's own CPU time (percent of one CPU) and how
+# busy the whole machine was (percent of all CPUs). Other work on the machine shows up there.
+PM_PID=$(psql_at "$COORD_PORT" -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_peerpool pool manager'")
+CLK_TCK=$(getconf CLK_TCK)
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+machine_ticks() { awk '/^cpu / {busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6}' /proc/stat; }
+
 # run_driver label tag... -- driver-args...: one driver run, appended to runs.jsonl.
 run_driver() {
     local label=$1; shift
     local tags=()
     while [ "$1" != -- ]; do tags+=(--tag "$1"); shift; done
     shift
-    local out rc=0
+    local out rc=0 pm0 pm1 m0 m1 t0 t1 tag_json="" t
+    for t in "${tags[@]}"; do
+        [ "$t" = --tag ] || tag_json+="${tag_json:+, }\"${t%%=*}\": \"${t#*=}\""
+    done
+    pm0=$(proc_ticks "$PM_PID"); m0=$(machine_ticks); t0=$(date +%s.%N)
     out=$(timeout "$DRIVER_TIMEOUT" "$DRIVER" --label "$label" "${tags[@]}" "$@") || rc=$?
+    pm1=$(proc_ticks "$PM_PID"); m1=$(machine_ticks); t1=$(date +%s.%N)
     if [ $rc -ne 0 ]; then
-        echo "{\"label\": \"$label\", \"driver_failed\": $rc}" >>"$RUNS"
+        echo "{\"label\": \"$label\", \"tags\": {$tag_json}, \"driver_failed\": $rc}" >>"$RUNS"
         say "driver run '$label' failed (exit $rc; 124 = hung past ${DRIVER_TIMEOUT}s)"
         return 0
     fi
-    echo "$out" >>"$RUNS"
+    local cpu
+    cpu=$(echo "$pm0 $pm1 $m0 $m1 $t0 $t1 $CLK_TCK" | awk '{
+        printf "\"pool_manager_cpu_pct\": %.1f, \"machine_busy_pct\": %.1f",
+               100 * ($2 - $1) / $9 / ($8 - $7), ($6 > $4) ? 100 * ($5 - $3) / ($6 - $4) : 0 }')
+    echo "${out%\}}, $cpu}" >>"$RUNS"
 }
 
 # The five ways to run SELECT 1 on peer1: name | conninfo | setup | sql
@@ -185,22 +208,28 @@ SAMPLE_SQL="SELECT count(*) FILTER (WHERE application_name = 'pg_peerpool'),
                                       AND application_name <> 'pg_peerpool')
               FROM pg_stat_activity"
 
-run_method() { # phase method clients
-    local phase=$1 method=$2 clients=$3 conninfo setup sql warmup=50
+run_method() { # phase method clients [round]
+    local phase=$1 method=$2 clients=$3 round=${4:-1} conninfo setup sql warmup=50
     { read -r conninfo; read -r setup; read -r sql; } < <(method_args "$method")
     [ "$method" = dblink_per_call ] && warmup=5
     local setup_args=()
     [ -n "$setup" ] && setup_args=(--setup "$setup")
-    run_driver "$method x$clients" "phase=$phase" "method=$method" -- \
+    local latfile=latencies_${phase}_${method}_c${clients}_r${round}.txt
+    run_driver "$method x$clients" "phase=$phase" "method=$method" "clients=$clients" \
+        "round=$round" "latencies=$latfile" -- \
         --conninfo "$conninfo" --sql "$sql" "${setup_args[@]}" --expect 1 \
         --clients "$clients" --duration "$BENCH_SECONDS" --warmup "$warmup" \
-        --sample-conninfo "$PEER1" --sample-sql "$SAMPLE_SQL" --sample-ms 50
+        --sample-conninfo "$PEER1" --sample-sql "$SAMPLE_SQL" --sample-ms 50 \
+        --latencies "$RESULTS/$latfile"
 }
 
-say "1/3 one-node SELECT 1 latency, 1 client, ${BENCH_SECONDS}s per method"
-for m in $METHODS; do run_method latency "$m" 1; done
+# Interleaved rounds, so that a disturbance of the machine hits every method alike.
+say "1/5 one-node SELECT 1 latency, 1 client: $LATENCY_ROUNDS rounds of ${BENCH_SECONDS}s per method"
+for r in $(seq 1 "$LATENCY_ROUNDS"); do
+    for m in $METHODS; do run_method latency "$m" 1 "$r"; done
+done
 
-say "2/3 throughput with 8 and 32 clients, ${BENCH_SECONDS}s per run (pool_query: pool of $POOL_MAX on peer1)"
+say "2/5 throughput with 8 and 32 clients, ${BENCH_SECONDS}s per run (pool_query: pool of $POOL_MAX on peer1)"
 psql_at "$COORD_PORT" -At -c "SELECT peerpool.pool_reset_stats()" >/dev/null
 for c in 8 32; do
     for m in $METHODS; do run_method throughput "$m" "$c"; done
@@ -208,7 +237,7 @@ done
 psql_at "$COORD_PORT" -At -c "SELECT row_to_json(s) FROM peerpool.pool_stats s WHERE node_name = 'peer1'" \
     >"$RESULTS/pool_stats_peer1.json"
 
-say "3/3 fan-out: parallel_query vs pool_query to each node in turn, $BENCH_FANOUT_CALLS calls per point"
+say "3/5 fan-out: parallel_query vs pool_query to each node in turn, $BENCH_FANOUT_CALLS calls per point"
 node_array() { # n -> ARRAY['peer1',...,'peerN']
     local a="" i
     for i in $(seq 1 "$1"); do a+="${a:+,}'peer$i'"; done
@@ -231,8 +260,79 @@ for n in 1 2 5 10 20; do
     done
 done
 
+say "4/5 a registry of 100 nodes: adding one, reading the views"
+EXTRA_SQL=$RESULTS/registry100.sql
+{
+    echo "\\timing on"
+    for i in $(seq $((BENCH_PEERS + 1)) 100); do
+        echo "SELECT peerpool.pool_add_node('node$i', '$(peer_conninfo $(( (i - 1) % BENCH_PEERS + 1 )))', max_connections => $POOL_MAX);"
+    done
+    echo "\\timing off"
+    # From the client's view of the commit until the pool manager shows the node healthy.
+    echo "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); BEGIN
+            WHILE NOT EXISTS (SELECT 1 FROM peerpool.node_health
+                               WHERE node_name = 'node100' AND state = 'healthy') LOOP
+                IF clock_timestamp() - t0 > interval '10 s' THEN
+                    RAISE EXCEPTION 'node100 not healthy after 10 s';
+                END IF;
+                PERFORM pg_sleep(0.001);
+            END LOOP;
+            RAISE NOTICE 'healthy_after_ms=%', round((extract(epoch FROM clock_timestamp() - t0) * 1000)::numeric, 3);
+          END \$\$;"
+} >"$EXTRA_SQL"
+psql_at "$COORD_PORT" -At -f "$EXTRA_SQL" >"$RESULTS/registry100.out" 2>&1 ||
+    say "registering 100 nodes failed: see bench/results/registry100.out"
+for _ in $(seq 1 600); do
+    [ "$(psql_at "$COORD_PORT" -At -c "SELECT count(*) FROM peerpool.node_health WHERE state = 'healthy'")" = 100 ] && break
+    sleep 0.05
+done
+VIEW_CALLS=200
+{
+    grep -o 'Time: [0-9.]*' "$RESULTS/registry100.out" | awk '{print $2}' | tail -n 1 | sed 's/^/add_ms=/'
+    grep -o 'Time: [0-9.]*' "$RESULTS/registry100.out" | awk '{print $2}' | sort -n |
+        awk '{v[NR] = $1} END {if (NR) print "add_median_ms=" v[int((NR + 1) / 2)]}'
+    grep -o 'healthy_after_ms=[0-9.]*' "$RESULTS/registry100.out" || true
+    echo "nodes=$(psql_at "$COORD_PORT" -At -c "SELECT count(*) FROM peerpool.nodes")"
+    echo "healthy=$(psql_at "$COORD_PORT" -At -c "SELECT count(*) FROM peerpool.node_health WHERE state = 'healthy'")"
+    echo "view_calls=$VIEW_CALLS"
+    for v in nodes node_health pool_stats events; do
+        echo "rows_$v=$(psql_at "$COORD_PORT" -At -c "SELECT count(*) FROM peerpool.$v")"
+    done
+} >"$RESULTS/registry100.txt"
+for v in nodes node_health pool_stats events; do
+    run_driver "view $v (100 nodes)" phase=registry100 "view=$v" -- \
+        --conninfo "$COORD" --clients 1 --iterations "$VIEW_CALLS" --warmup 10 \
+        --sql "SELECT * FROM peerpool.$v"
+done
+
+# Where a pool_query call spends its wake-ups: strace -c on the calling backend and on the pool
+# manager for a few seconds of a one-client pool_query loop; pool_stats counts the calls meanwhile.
+if command -v strace >/dev/null; then
+    say "5/5 system calls per pool_query call (strace -c)"
+    "$DRIVER" --label syscalls --conninfo "$COORD" --clients 1 --duration 6 --warmup 50 \
+        --sql "SELECT * FROM peerpool.pool_query('SELECT 1', 'peer1') AS t(x int)" >/dev/null 2>&1 &
+    LOOP_PID=$!
+    sleep 1
+    BACKEND_PID=$(psql_at "$COORD_PORT" -At -c "SELECT pid FROM pg_stat_activity
+        WHERE query LIKE '%pool_query(%' AND pid <> pg_backend_pid() LIMIT 1")
+    queries() { psql_at "$COORD_PORT" -At -c "SELECT queries FROM peerpool.pool_stats WHERE node_name = 'peer1'"; }
+    q0=$(queries)
+    timeout -s INT 3 strace -c -p "$BACKEND_PID" -o "$RESULTS/strace_backend.txt" 2>/dev/null &
+    S1=$!
+    timeout -s INT 3 strace -c -p "$PM_PID" -o "$RESULTS/strace_pool_manager.txt" 2>/dev/null &
+    S2=$!
+    wait $S1 $S2 || true
+    q1=$(queries)
+    wait $LOOP_PID || true
+    echo "calls=$((q1 - q0))" >"$RESULTS/strace_calls.txt"
+fi
+
 # ---- the environment, a health check of the servers, and the report ---------------------------
 {
+    echo "loadavg_before=$LOADAVG_BEFORE"
+    echo "tree_commit=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "installed_so_md5=$SO_MD5"
+    echo "latency_rounds=$LATENCY_ROUNDS"
     echo "nproc=$(nproc)"
     echo "memory_mb=$(awk '/MemTotal/ {printf "%d", $2/1024}' /proc/meminfo)"
     echo "cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
@@ -245,6 +345,8 @@ done
     echo "pool_max=$POOL_MAX"
     echo "seconds_per_run=$BENCH_SECONDS"
     echo "fanout_calls=$BENCH_FANOUT_CALLS"
+    echo "pool_manager_pid_start=$PM_PID"
+    echo "pool_manager_pid_end=$(psql_at "$COORD_PORT" -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_peerpool pool manager'")"
     echo "crashes=$(cat "$DIR"/*.log | grep -c -E 'terminated by signal|PANIC' || true)"
     echo "runtime_s=$(($(date +%s) - BEGAN))"
 } >"$RESULTS/env.txt"

@@ -40,6 +40,10 @@ SELECT node_name, success, jsonb_array_length(result) AS rows
   FROM peerpool.parallel_query('SELECT g FROM generate_series(1, 1000) g', ARRAY['self', 'twin']);
 SELECT node_name, success, result FROM peerpool.parallel_query('SELECT 1 WHERE false', ARRAY['self']);
 SELECT node_name, success, result FROM peerpool.parallel_query('SET LOCAL work_mem = ''1MB''', ARRAY['self']);
+-- Several statements: the rows of each row-returning statement, each with its own columns.
+SELECT node_name, success, result
+  FROM peerpool.parallel_query('SELECT 1 AS a; SELECT 2 AS b, 3 AS c; SELECT 4 AS d', ARRAY['self']);
+SELECT * FROM peerpool.pool_query('SELECT 1, 2; SELECT 3', 'self') AS t(a int, b int);
 
 -- Every enabled node by default; partial failure is normal; rows in node order.
 SELECT node_name, success, result, error ~ '^node "dead" is (unhealthy|reconnecting)' AS dead_reason

@@ -150,29 +150,44 @@ SELECT string_agg(node_name || ':' || jsonb_array_length(result), ',')
 
 my $slow_p3 = q{$$SELECT pg_sleep(CASE current_setting('cluster_name') WHEN '} . $p3
   . q{' THEN 30 ELSE 0.1 END) AS s$$};
-my $remote_sleep = "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'pg_peerpool'"
+# A session on p3 watches (inside the server, every millisecond) its remote query appear
+# and go away. The cancel is late by at most gone - (call start + timeout): the call starts
+# before the worker's deadline clock does.
+my $w3 = $peer{$p3}->background_psql('postgres');
+my $remote_running = "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'pg_peerpool'"
   . " AND state = 'active' AND query LIKE '%pg_sleep(CASE%'";
+
+PeerpoolFleet::stat_lifetime_start($w3, $remote_running, 20);
+my $t_call = time;
 ($secs, @rows) = pq("$slow_p3, $all, timeout_ms => 500");
-my $returned = time;
+my ($appeared, $gone) = PeerpoolFleet::stat_lifetime_finish($w3);
 note sprintf('timeout_ms => 500 with %s sleeping 30 s: call took %.1f ms: %s', $p3, 1000 * $secs, describe(@rows));
 is(join(',', map { "$_->{name}:$_->{ok}" } @rows), "$p1:t,$p2:t,$p3:f", "$p3 timed out, the others answered");
 is($rows[2]{error}, qq{timeout: node "$p3" did not answer within 500 ms [SQLSTATE 57014]}, 'timeout error text with 57014');
 cmp_ok($rows[2]{ms}, '>=', 450, "$p3 elapsed_ms is at least about the timeout");
 cmp_ok($rows[2]{ms}, '<', 1500, "$p3 elapsed_ms is bounded by the timeout");
 cmp_ok($secs, '<', 2, 'the call returns soon after the deadline');
-my $gone = PeerpoolFleet::wait_until($peer{$p3}, $remote_sleep, timeout => 10, start => $returned);
-PeerpoolFleet::timed_ok($gone, 1, "$p3: the timed-out remote query is cancelled on the peer");
+ok(defined $appeared && defined $gone, "$p3: the remote query ran and went away");
+note sprintf('%s: remote query seen %.1f ms after the call started, gone %.1f ms after it started'
+	  . ' (%.1f ms after the 500 ms deadline)', $p3, 1000 * (($appeared // 0) - $t_call),
+	1000 * (($gone // 0) - $t_call), 1000 * (($gone // 0) - $t_call - 0.5));
+cmp_ok(($gone // 9**9**9) - ($t_call + 0.5), '<', 1,
+	"$p3: the timed-out remote query is cancelled within 1 s of the deadline");
 
-
+PeerpoolFleet::stat_lifetime_start($w3, $remote_running, 20);
+$t_call = time;
 ($secs, @rows) = pq("$slow_p3, ARRAY['$p3', '$p1']", "SET peerpool.query_timeout = '400ms';\n");
-$returned = time;
+($appeared, $gone) = PeerpoolFleet::stat_lifetime_finish($w3);
 $bs->query_safe('RESET peerpool.query_timeout');
 note sprintf('peerpool.query_timeout = 400ms: call took %.1f ms: %s', 1000 * $secs, describe(@rows));
 is(join(',', map { "$_->{name}:$_->{ok}" } @rows), "$p3:f,$p1:t", 'query_timeout applies without timeout_ms');
 is($rows[0]{error}, qq{timeout: node "$p3" did not answer within 400 ms [SQLSTATE 57014]},
 	'the timeout error names the query_timeout value');
-$gone = PeerpoolFleet::wait_until($peer{$p3}, $remote_sleep, timeout => 10, start => $returned);
-PeerpoolFleet::timed_ok($gone, 1, "$p3: the remote query is cancelled after query_timeout too");
+note sprintf('%s: remote query gone %.1f ms after the 400 ms deadline', $p3,
+	1000 * (($gone // 0) - $t_call - 0.4));
+cmp_ok(($gone // 9**9**9) - ($t_call + 0.4), '<', 1,
+	"$p3: the remote query is cancelled within 1 s of the query_timeout deadline");
+$w3->quit;
 
 # ---------------------------------------------------------------------------------------
 # A peer stopped in immediate mode fails fast -- at once, and once the worker marked it --

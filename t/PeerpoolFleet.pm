@@ -596,6 +596,8 @@ test framework's own psql sessions use Unix sockets).
 sub tcp_clients_to
 {
 	my %want = map { $_ => 1 } @_;
+	my %seen;    # /proc/net/tcp is read in chunks resumed by position: while other sockets
+	             # come and go, one socket can be listed twice. Count each inode once.
 	my $n = 0;
 	for my $file ('/proc/net/tcp', '/proc/net/tcp6')
 	{
@@ -613,7 +615,8 @@ sub tcp_clients_to
 			$n++
 			  if $want{$rport}
 			  && !$want{$lport}
-			  && ($f[3] eq '01' || $f[3] eq '02');
+			  && ($f[3] eq '01' || $f[3] eq '02')
+			  && !$seen{"$f[1] $f[9]"}++;
 		}
 	}
 	return $n;
@@ -674,7 +677,9 @@ sub psql_finish
 		$h->{run}->kill_kill;
 	};
 	$h->{finished} //= time;
-	my $ret = $h->{run}->result // -1;
+	# The wait status of psql: its exit code, or -1 if it was killed by a signal.
+	my $status = $h->{run}->full_result(0);
+	my $ret = !defined $status || ($status & 127) ? -1 : $status >> 8;
 	return ($ret, $h->{out}, $h->{err});
 }
 
@@ -733,6 +738,66 @@ END $$});
 	$out =~ s/^.*peerpool_watch_started\r?\n//s;
 	$session->{peerpool_watch_out} = $out;
 	return;
+}
+
+=item stat_lifetime_start($session, $query, $timeout_s) / stat_lifetime_finish($session)
+
+Watch, inside the server and with a fresh statistics snapshot on every poll
+(every millisecond), for C<$query> (one boolean, e.g. "a remote query of ours is
+active") to become true and then false again, without waiting. Start it, do
+something that makes the thing appear (and go away), then C<stat_lifetime_finish>
+waits and returns (appeared, gone) as Time::HiRes times (server clock, same host),
+either undef if not seen within C<$timeout_s> (default $DEFAULT_TIMEOUT).
+
+=cut
+
+sub stat_lifetime_start
+{
+	my ($session, $query, $timeout) = @_;
+	$timeout //= $DEFAULT_TIMEOUT;
+	if (!$session->{peerpool_stat_lifetime})
+	{
+		$session->query_safe(q{
+CREATE FUNCTION pg_temp.peerpool_stat_lifetime(q text, timeout_s float8,
+    OUT appeared float8, OUT gone float8)
+LANGUAGE plpgsql AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
+    present boolean;
+BEGIN
+    LOOP
+        PERFORM pg_stat_clear_snapshot();
+        EXECUTE q INTO present;
+        IF appeared IS NULL AND coalesce(present, false) THEN
+            appeared := extract(epoch FROM clock_timestamp());
+        ELSIF appeared IS NOT NULL AND NOT coalesce(present, false) THEN
+            gone := extract(epoch FROM clock_timestamp());
+            RETURN;
+        END IF;
+        IF clock_timestamp() > deadline THEN RETURN; END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+END $$});
+		$session->{peerpool_stat_lifetime} = 1;
+	}
+	my $out = $session->query_until(qr/peerpool_lifetime_started\r?\n/,
+		"\\echo peerpool_lifetime_started\n"
+		  . sprintf("SELECT appeared, gone FROM pg_temp.peerpool_stat_lifetime(%s, %s);\n",
+			quote($query), $timeout));
+	$out =~ s/^.*peerpool_lifetime_started\r?\n//s;
+	$session->{peerpool_lifetime_out} = $out;
+	return;
+}
+
+sub stat_lifetime_finish
+{
+	my ($session) = @_;
+	my $out = (delete $session->{peerpool_lifetime_out} // '') . $session->query('');
+	my ($line) = grep { /\|/ } split /\r?\n/, $out;
+	my ($appeared, $gone) = split /\|/, ($line // '|'), -1;
+	return (
+		(defined $appeared && $appeared ne '' ? $appeared + 0 : undef),
+		(defined $gone     && $gone ne ''     ? $gone + 0     : undef));
 }
 
 =item stat_sample_start($session, $query, $duration_s) / stat_sample_finish($session)

@@ -101,7 +101,16 @@ void Node::CloseConnection(uint64 id, bool recycled)
     if (check_phase_ != CHECK_NONE && check_conn_ == id)
         check_phase_ = CHECK_NONE;
     std::string error = (*it)->error();
-    jobs_.erase(id);
+    // A cancel that may or may not have reached its target: the connection it was aimed at
+    // cannot safely serve anyone any more.
+    int orphaned_pid = 0;
+    auto job = jobs_.find(id);
+    if (job != jobs_.end()) {
+        if (job->second.kind == JOB_CANCEL)
+            orphaned_pid = job->second.target_pid;
+        jobs_.erase(job);
+    }
+    held_for_cancel_.erase(id);
     LeaseOwner lost;
     auto lease = leases_.find(id);
     if (lease != leases_.end()) {
@@ -110,8 +119,18 @@ void Node::CloseConnection(uint64 id, bool recycled)
     }
     conns_.erase(it); // PQfinish
     fleet_.ReleaseConnection();
+    if (lost.valid()) {
+        pg_atomic_fetch_add_u64(&Slot().queries, 1);
+        pg_atomic_fetch_add_u64(&Slot().errors, 1);
+    }
     if (lost.valid())
         fleet_.LeaseLost(lost, error.empty() ? "connection closed" : error, GetCurrentTimestamp());
+    if (orphaned_pid != 0)
+        for (const auto &[held_id, pid] : held_for_cancel_)
+            if (pid == orphaned_pid) {
+                CloseConnection(held_id, false);
+                break;
+            }
 }
 
 void Node::CloseAll()
@@ -135,7 +154,7 @@ Connection *Node::IdleConnection() const
     Connection *best = nullptr;
     for (const auto &c : conns_)
         if (c->state() == CONN_STATE_IDLE && !c->recycle_requested &&
-            jobs_.count(c->id()) == 0 &&
+            jobs_.count(c->id()) == 0 && held_for_cancel_.count(c->id()) == 0 &&
             (best == nullptr || c->last_used() > best->last_used()))
             best = c.get();
     return best;
@@ -201,8 +220,8 @@ void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
         // New connection settings: no connection made with the old ones is handed out again.
         std::vector<uint64> to_close;
         for (const auto &c : conns_) {
-            if (c->state() == CONN_STATE_CHECKING)
-                c->recycle_requested = true;
+            if (c->state() == CONN_STATE_CHECKING || c->state() == CONN_STATE_BUSY)
+                c->recycle_requested = true; // replaced once its current work is done
             else
                 to_close.push_back(c->id());
         }
@@ -242,13 +261,17 @@ void Node::StartCheck(TimestampTz now)
     bool attempt = !Serving(); // connecting or reconnecting: connect + check
     check_deadline_ = After(now, peerpool_health_check_timeout +
                                      (attempt ? peerpool_connect_timeout : 0));
+    check_starved_ = false;
     if (Connection *idle = IdleConnection()) {
         RunCheckOn(idle, now);
         return;
     }
     if (static_cast<int>(conns_.size()) >= config_.max_connections) {
-        // Every connection is busy: busy connections answering is life enough; look later.
-        next_check_at_ = After(now, peerpool_health_check_interval);
+        // Every connection is busy with callers' work and max_connections is a hard cap: the
+        // check takes the next connection that comes back, ahead of waiting callers
+        // (GrantWaiting). A node frozen under load is found once its callers' deadlines
+        // close the stuck connections and a fresh check times out.
+        check_starved_ = true;
         return;
     }
     Connection *conn = OpenConnection(now, true);
@@ -553,6 +576,8 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
             CloseConnection(conn_id, false);
         } else if (conn->recycle_requested) {
             CloseConnection(conn_id, true);
+        } else {
+            GrantWaiting(now);
         }
         FinishCheck(outcome, lost, now);
     }
@@ -672,7 +697,7 @@ void Node::Manage(TimestampTz now)
     case NODE_STATE_HEALTHY:
     case NODE_STATE_DEGRADED:
     case NODE_STATE_TRANSITIONING:
-        if (check_phase_ == CHECK_NONE && (now >= next_check_at_ || requested))
+        if (check_phase_ == CHECK_NONE && !check_starved_ && (now >= next_check_at_ || requested))
             StartCheck(now);
         if (Serving())
             MaintainPool(now);
@@ -681,15 +706,25 @@ void Node::Manage(TimestampTz now)
         ScheduleRetry(last_error_, now); // not a resting state
         break;
     case NODE_STATE_DRAINING: {
-        // Connections whose query finished are closed as they come back (ReturnToPool).
-        std::vector<uint64> done;
+        // Idle connections close as they come back; running callers' queries may finish
+        // until drain_timeout, then they are cancelled (and closed once that is done).
+        std::vector<uint64> idle;
         for (const auto &c : conns_)
-            if (c->state() != CONN_STATE_BUSY)
-                done.push_back(c->id());
-        for (uint64 id : done)
+            if (c->state() == CONN_STATE_IDLE && jobs_.count(c->id()) == 0 &&
+                held_for_cancel_.count(c->id()) == 0)
+                idle.push_back(c->id());
+        for (uint64 id : idle)
             CloseConnection(id, false);
-        if (now >= drain_deadline_)
-            CloseAll();
+        if (now >= drain_deadline_) {
+            std::vector<std::pair<uint64, LeaseOwner>> running;
+            for (const auto &[id, lease] : leases_)
+                if (lease.owner.valid())
+                    running.emplace_back(id, lease.owner);
+            for (const auto &[id, owner] : running) {
+                AbortLease(id, now);
+                fleet_.LeaseLost(owner, "node removed; drain_timeout expired", now);
+            }
+        }
         CompleteCheckRequests(true);
         break;
     }
@@ -717,8 +752,8 @@ TimestampTz Node::NextWake() const
     }
     if (check_phase_ != CHECK_NONE)
         consider(check_deadline_);
-    else if (Serving() || state_ == NODE_STATE_CONNECTING)
-        consider(next_check_at_);
+    else if ((Serving() && !check_starved_) || state_ == NODE_STATE_CONNECTING)
+        consider(next_check_at_); // a starved check waits for a connection, not the clock
     else if (state_ == NODE_STATE_RECONNECTING)
         consider(good_checks_ > 0 ? next_check_at_ : next_retry_at_);
     if (state_ == NODE_STATE_DRAINING)
@@ -830,6 +865,10 @@ void Node::GrantWaiting(TimestampTz now)
 {
     if (!Serving())
         return;
+    if (check_starved_ && check_phase_ == CHECK_NONE && IdleConnection() != nullptr)
+        StartCheck(now); // a due check goes first; it is short
+    if (!Serving())
+        return;
     while (!waiters_.empty()) {
         Connection *idle = IdleConnection();
         if (idle == nullptr)
@@ -837,12 +876,14 @@ void Node::GrantWaiting(TimestampTz now)
         Waiter w = waiters_.front();
         waiters_.pop_front();
         leases_[idle->id()] = {w.owner, now, 0};
-        pg_atomic_fetch_add_u64(&Slot().acquires, 1);
         if (!fleet_.Grant(w.owner, *this, *idle, now)) {
             leases_.erase(idle->id());
             if (idle->state() == CONN_STATE_BUSY)
                 AbortLease(idle->id(), now);
-        } else if (idle->state() == CONN_STATE_BROKEN) {
+            continue;
+        }
+        pg_atomic_fetch_add_u64(&Slot().acquires, 1);
+        if (idle->state() == CONN_STATE_BROKEN) {
             HandleBrokenConnection(idle, now);
         }
     }
@@ -901,15 +942,20 @@ void Node::ReturnToPool(Connection *conn, TimestampTz now)
 
 void Node::StartCleanup(Connection *conn, TimestampTz now)
 {
-    std::string sql;
-    if (conn->transaction_status() != PQTRANS_IDLE)
-        sql = "ROLLBACK";
-    if (peerpool_reset_query != nullptr && peerpool_reset_query[0] != '\0')
-        sql += (sql.empty() ? "" : "; ") + std::string(peerpool_reset_query);
     conn->MarkIdle(now);
-    jobs_[conn->id()] = {JOB_CLEANUP, 0, false, After(now, peerpool_health_check_timeout)};
-    if (!conn->SendQuery(sql, now, jobs_[conn->id()].deadline))
-        HandleBrokenConnection(conn, now);
+    if (conn->transaction_status() != PQTRANS_IDLE)
+        StartJob(conn, JOB_ROLLBACK, "ROLLBACK", now);
+    else
+        StartJob(conn, JOB_RESET, peerpool_reset_query, now);
+}
+
+bool Node::StartJob(Connection *conn, JobKind kind, const std::string &sql, TimestampTz now)
+{
+    jobs_[conn->id()] = {kind, 0, false, After(now, peerpool_health_check_timeout)};
+    if (conn->SendQuery(sql, now, jobs_[conn->id()].deadline))
+        return true;
+    HandleBrokenConnection(conn, now);
+    return false;
 }
 
 void Node::AbortLease(uint64 conn_id, TimestampTz now)
@@ -1010,32 +1056,77 @@ void Node::FinishJob(Connection *conn, TimestampTz now)
     Job job = it->second;
     jobs_.erase(it);
     QueryOutcome outcome = conn->TakeOutcome();
-    if (!outcome.ok && job.kind == JOB_CLEANUP) {
-        // A connection we cannot clean is never handed to the next caller.
-        pg::Call([&] {
-            ereport(LOG, (errmsg_internal("pg_peerpool: node \"%s\": discarding a connection: "
-                                          "cleanup failed: %s",
-                                          config_.name.c_str(), outcome.error.c_str())));
-        });
-        CloseConnection(conn->id(), false);
+    if (job.kind != JOB_CANCEL) {
+        if (!outcome.ok || conn->state() == CONN_STATE_BROKEN) {
+            // A connection we cannot clean is never handed to the next caller.
+            std::string why = outcome.ok ? conn->error() : outcome.error;
+            pg::Call([&] {
+                ereport(LOG, (errmsg_internal("pg_peerpool: node \"%s\": discarding a "
+                                              "connection: %s failed: %s",
+                                              config_.name.c_str(),
+                                              job.kind == JOB_ROLLBACK ? "ROLLBACK"
+                                                                       : "peerpool.reset_query",
+                                              why.c_str())));
+            });
+            CloseConnection(conn->id(), false);
+            return;
+        }
+        if (job.kind == JOB_ROLLBACK && peerpool_reset_query != nullptr &&
+            peerpool_reset_query[0] != '\0') {
+            StartJob(conn, JOB_RESET, peerpool_reset_query, now);
+            return;
+        }
+        conn->MarkIdle(now); // clean: straight back to the pool (no second cleanup round)
+        if (state_ == NODE_STATE_DRAINING || conn->recycle_requested)
+            CloseConnection(conn->id(), conn->recycle_requested);
+        else
+            GrantWaiting(now);
         return;
     }
+    // A cancel went out. First settle the connection that carried it -- an extra one must not
+    // be handed to a caller and then closed under it -- then let the cancelled one rejoin.
     if (conn->state() == CONN_STATE_BROKEN ||
         (job.close_after && pending_cancels_.empty()) ||
         static_cast<int>(conns_.size()) > config_.max_connections + (job.close_after ? 1 : 0)) {
         CloseConnection(conn->id(), false);
-        return;
-    }
-    if (job.close_after) {
-        jobs_[conn->id()] = job; // keep it marked as the extra connection
+    } else if (job.close_after || !pending_cancels_.empty()) {
+        jobs_[conn->id()] = job; // still marked as ours (and as the extra one) until reused
         SendCancelOn(conn, now);
-        return;
+    } else {
+        ReturnToPool(conn, now);
     }
-    if (!pending_cancels_.empty()) {
-        SendCancelOn(conn, now);
-        return;
-    }
-    ReturnToPool(conn, now);
+    if (job.target_pid != 0)
+        ReleaseHeld(job.target_pid, now);
+}
+
+bool Node::HasPendingCancels() const
+{
+    if (!pending_cancels_.empty())
+        return true;
+    for (const auto &[id, job] : jobs_)
+        if (job.kind == JOB_CANCEL)
+            return true;
+    return false;
+}
+
+bool Node::CancelInFlight(int pid) const
+{
+    for (const auto &[id, job] : jobs_)
+        if (job.kind == JOB_CANCEL && job.target_pid == pid)
+            return true;
+    return false;
+}
+
+void Node::ReleaseHeld(int pid, TimestampTz now)
+{
+    for (auto it = held_for_cancel_.begin(); it != held_for_cancel_.end(); ++it)
+        if (it->second == pid) {
+            uint64 id = it->first;
+            held_for_cancel_.erase(it);
+            if (Connection *conn = FindConnection(id))
+                ReturnToPool(conn, now);
+            return;
+        }
 }
 
 // Reads and drops the results of a cancelled query; pools the connection once it is done.
@@ -1050,10 +1141,19 @@ void Node::DrainOrphan(Connection *conn, TimestampTz now)
     if (status != PUMP_DONE)
         return;
     leases_.erase(conn->id());
-    if (conn->state() == CONN_STATE_BROKEN)
+    if (conn->state() == CONN_STATE_BROKEN) {
         HandleBrokenConnection(conn, now);
-    else
-        ReturnToPool(conn, now);
+        return;
+    }
+    int pid = conn->backend_pid();
+    auto pending = std::find(pending_cancels_.begin(), pending_cancels_.end(), pid);
+    if (pending != pending_cancels_.end()) {
+        pending_cancels_.erase(pending); // the query ended by itself: no cancel needed
+    } else if (CancelInFlight(pid)) {
+        held_for_cancel_[conn->id()] = pid; // pooled once the cancel has run
+        return;
+    }
+    ReturnToPool(conn, now);
 }
 
 } // namespace peerpool

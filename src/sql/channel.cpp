@@ -69,18 +69,21 @@ void ExitCallback(int, Datum) { Abandon(); }
     pg_unreachable();
 }
 
-// Sleeps until our latch is set or kPollMs passed; honours interrupts; notices a pool manager
-// that stopped or was replaced.
+// Sleeps until our latch is set or kPollMs passed; honours interrupts.
 void WaitForWorker()
 {
     (void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, kPollMs,
                     PG_WAIT_EXTENSION);
     ResetLatch(MyLatch);
     CHECK_FOR_INTERRUPTS();
+}
+
+// The pool manager we submitted to has stopped or was replaced.
+bool WorkerChanged()
+{
     SharedState *state = Shared();
-    if (pg_atomic_read_u32(&state->worker_procno_plus1) != current.worker_procno_plus1 ||
-        pg_atomic_read_u32(&state->worker_generation) != current.generation)
-        WorkerGone();
+    return pg_atomic_read_u32(&state->worker_procno_plus1) != current.worker_procno_plus1 ||
+           pg_atomic_read_u32(&state->worker_generation) != current.generation;
 }
 
 } // namespace
@@ -160,7 +163,7 @@ void Submit(const char *message, Size len)
         shm_mq_result r = shm_mq_send(current.send, len, message, true, true);
         if (r == SHM_MQ_SUCCESS)
             break;
-        if (r == SHM_MQ_DETACHED)
+        if (r == SHM_MQ_DETACHED || WorkerChanged())
             WorkerGone();
         WaitForWorker();
     }
@@ -175,7 +178,8 @@ void Receive(Size *len, const char **data)
             *data = static_cast<const char *>(raw);
             return;
         }
-        if (r == SHM_MQ_DETACHED)
+        // Only an empty queue tells: what the pool manager sent before it left is still read.
+        if (r == SHM_MQ_DETACHED || WorkerChanged())
             WorkerGone();
         WaitForWorker();
     }

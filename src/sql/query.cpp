@@ -386,9 +386,13 @@ void RunPoolQuery(FunctionCallInfo fcinfo, const char *message, Size len)
             char *hint = GetStr(c);
             if (!success) {
                 channel::Finish();
-                // The remote error, as the node raised it, with the node named.
+                // The remote error, as the node raised it, with the node named (once: our own
+                // messages about the node already start with its name).
+                char *prefix = psprintf("node \"%s\"", node);
+                bool named = strncmp(error, prefix, strlen(prefix)) == 0;
                 ereport(ERROR, (errcode(SqlStateCode(state)),
-                                errmsg_internal("node \"%s\": %s", node, error),
+                                named ? errmsg_internal("%s", error)
+                                      : errmsg_internal("node \"%s\": %s", node, error),
                                 detail[0] ? errdetail_internal("%s", detail) : 0,
                                 hint[0] ? errhint("%s", hint) : 0));
             }

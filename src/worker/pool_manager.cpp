@@ -257,6 +257,13 @@ void PoolManager::ScanRequestSlots(TimestampTz now)
             uint64 key = ++last_request_key_;
             requests_[key] = std::make_unique<Request>(*this, i, key, now);
             request_by_slot_[i] = key;
+        } else if (cancel) {
+            // Abandoned before we picked it up: nothing to undo, the slot is free again.
+            SpinLockAcquire(&slot->mutex);
+            if (slot->state == REQUEST_SLOT_SUBMITTED && slot->cancel)
+                slot->state = REQUEST_SLOT_FREE;
+            SpinLockRelease(&slot->mutex);
+            SetLatch(&ProcGlobal->allProcs[i].procLatch);
         }
     }
 }
@@ -440,6 +447,29 @@ void PoolManager::Shutdown()
         request->Abandon(now); // cancels remote queries still running
     requests_.clear();
     request_by_slot_.clear();
+    // Give those cancels a moment to reach the nodes (bounded), so no remote query outlives us.
+    TimestampTz cancel_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+    for (;;) {
+        bool busy = false;
+        for (auto &[name, node] : nodes_)
+            busy = busy || node->HasPendingCancels();
+        now = GetCurrentTimestamp();
+        if (!busy || now >= cancel_deadline)
+            break;
+        RebuildWaitSetIfNeeded();
+        if (fired_.size() < registered_.size() + 2)
+            fired_.resize(registered_.size() + 2);
+        WaitEvent *events = fired_.data();
+        int size = static_cast<int>(fired_.size());
+        int n = pg::Call([&] {
+            int got = WaitEventSetWait(wait_set_, 50, events, size, PG_WAIT_EXTENSION);
+            ResetLatch(MyLatch);
+            return got;
+        });
+        DispatchEvents(events, n, GetCurrentTimestamp());
+        for (auto &[name, node] : nodes_)
+            node->Manage(GetCurrentTimestamp());
+    }
     // Closing sends Terminate, so the peers end our sessions at once.
     size_t closed = 0;
     for (auto &[name, node] : nodes_) {

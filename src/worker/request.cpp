@@ -327,6 +327,10 @@ bool Request::HandleResult(int index, PGresult *res)
             }
             Queue(std::move(w.buffer()), false);
         }
+        // In single-row mode a statement ends with a zero-row PGRES_TUPLES_OK; the next
+        // statement of a multi-statement string describes its own columns.
+        if (status == PGRES_TUPLES_OK)
+            t.columns_sent = false;
         break;
     }
     case PGRES_COMMAND_OK:

@@ -84,6 +84,8 @@ public:
     void ReleaseLease(uint64 conn_id, bool ok, TimestampTz now);
     // The caller gave up mid-query (timeout, cancel): cancel it on the node, without waiting.
     void AbortLease(uint64 conn_id, TimestampTz now);
+    // A cancel is queued or on its way (shutdown waits for these, bounded).
+    bool HasPendingCancels() const;
     // The leased connection is unusable (e.g. left in COPY): close it, telling nobody.
     void DiscardLease(uint64 conn_id);
 
@@ -124,7 +126,9 @@ private:
         TimestampTz since;
     };
     // Our own short queries on a connection other than the health check.
-    enum JobKind { JOB_CANCEL, JOB_CLEANUP };
+    // JOB_ROLLBACK and JOB_RESET run one after the other: DISCARD ALL and friends refuse to
+    // run inside the implicit transaction of a multi-statement string.
+    enum JobKind { JOB_CANCEL, JOB_ROLLBACK, JOB_RESET };
     struct Job {
         JobKind kind;
         int target_pid;       // JOB_CANCEL: the backend whose query is cancelled
@@ -142,6 +146,9 @@ private:
     void StartCancel(int target_pid, TimestampTz now);
     void SendCancelOn(Connection *conn, TimestampTz now);
     void StartCleanup(Connection *conn, TimestampTz now);
+    bool StartJob(Connection *conn, JobKind kind, const std::string &sql, TimestampTz now);
+    bool CancelInFlight(int pid) const;
+    void ReleaseHeld(int pid, TimestampTz now);
     void FinishJob(Connection *conn, TimestampTz now);
     void ReturnToPool(Connection *conn, TimestampTz now);
     void DrainOrphan(Connection *conn, TimestampTz now);
@@ -229,6 +236,10 @@ private:
     std::map<uint64, Lease> leases_; // conn id -> lease (connections in CONN_STATE_BUSY)
     std::map<uint64, Job> jobs_;     // conn id -> our own query in flight
     std::vector<int> pending_cancels_; // backend pids waiting for a connection to cancel them
+    // Connections whose cancelled query ended before the cancel was delivered: held out of the
+    // pool until the cancel has run, so it cannot hit the next caller's query. conn id -> pid.
+    std::map<uint64, int> held_for_cancel_;
+    bool check_starved_ = false; // a check is due but every connection is busy
 };
 
 } // namespace peerpool

@@ -30,7 +30,7 @@ enum RequestKind : uint8_t {
 struct Request {
     RequestKind kind = REQUEST_KIND_PARALLEL;
     int32_t timeout_ms = 0;         // 0 = none
-    int32_t acquire_timeout_ms = 0; // 0 = fail at once when the pool is full
+    int32_t acquire_timeout_ms = 0; // 0 = wait without limit (the call's own deadline still holds)
     std::string target;             // pool_query
     bool has_nodes = false;         // parallel_query: false = every enabled node
     std::vector<std::string> nodes;
