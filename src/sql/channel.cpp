@@ -32,6 +32,18 @@ struct Current {
 };
 Current current;
 bool callbacks_registered = false;
+// Owns the queue handles of the request in flight. Handles are released by resetting it, not
+// by shm_mq_detach: a detach sets the other side's latch, and on the normal path that only
+// costs the pool manager a wake-up. Loss of either side is signalled another way (the cancel
+// flag, the pool manager's generation).
+MemoryContext channel_context = nullptr;
+
+void ReleaseHandles()
+{
+    current.send = current.recv = nullptr;
+    if (channel_context != nullptr)
+        MemoryContextReset(channel_context); // frees memory only; cannot error
+}
 
 // Never errors: runs from abort callbacks and at exit.
 void Abandon()
@@ -42,12 +54,10 @@ void Abandon()
     SpinLockAcquire(&current.slot->mutex);
     current.slot->cancel = true;
     SpinLockRelease(&current.slot->mutex);
-    shm_mq_detach(current.send);
-    shm_mq_detach(current.recv);
-    current.send = current.recv = nullptr;
+    ReleaseHandles();
     if (SharedState *state = Shared())
         pg_atomic_fetch_add_u64(&state->request_events, 1);
-    WakePoolManager();
+    WakePoolManager(); // it cancels the remote queries of this request
 }
 
 void XactCallback(XactEvent, void *) { Abandon(); }
@@ -140,7 +150,10 @@ void Submit(const char *message, Size len)
     shm_mq_set_sender(response_queue, worker);
     shm_mq_set_receiver(response_queue, MyProc);
 
-    MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+    if (channel_context == nullptr)
+        channel_context = AllocSetContextCreate(TopMemoryContext, "pg_peerpool channel",
+                                                ALLOCSET_SMALL_SIZES);
+    MemoryContext old = MemoryContextSwitchTo(channel_context);
     current.send = shm_mq_attach(request_queue, nullptr, nullptr);
     current.recv = shm_mq_attach(response_queue, nullptr, nullptr);
     MemoryContextSwitchTo(old);
@@ -190,9 +203,7 @@ void Finish()
     if (!current.active)
         return;
     current.active = false;
-    shm_mq_detach(current.send);
-    shm_mq_detach(current.recv);
-    current.send = current.recv = nullptr;
+    ReleaseHandles(); // the pool manager frees the slot once it is done with it
 }
 
 } // namespace peerpool::channel

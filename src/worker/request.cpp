@@ -45,22 +45,16 @@ Request::Request(RequestHost &host, int slot, uint64 key, TimestampTz now)
     : host_(host), slot_(slot), key_(key), started_(now)
 {
     RequestSlot *s = GetRequestSlot(slot_);
-    // Handles live in TopMemoryContext: the loop's scratch context is reset every wake.
+    // The handles live in a context of their own (the loop's scratch context is reset every
+    // wake), released by deleting it: see ~Request.
     pg::Call([&] {
-        MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+        context_ = AllocSetContextCreate(TopMemoryContext, "pg_peerpool request",
+                                         ALLOCSET_SMALL_SIZES);
+        MemoryContext old = MemoryContextSwitchTo(context_);
         in_ = shm_mq_attach(SlotRequestQueue(s), nullptr, nullptr);
+        out_ = shm_mq_attach(SlotResponseQueue(s), nullptr, nullptr);
         MemoryContextSwitchTo(old);
     });
-    try {
-        pg::Call([&] {
-            MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-            out_ = shm_mq_attach(SlotResponseQueue(s), nullptr, nullptr);
-            MemoryContextSwitchTo(old);
-        });
-    } catch (...) {
-        shm_mq_detach(in_);
-        throw;
-    }
     SpinLockAcquire(&s->mutex);
     s->state = REQUEST_SLOT_ACTIVE;
     SpinLockRelease(&s->mutex);
@@ -68,11 +62,11 @@ Request::Request(RequestHost &host, int slot, uint64 key, TimestampTz now)
 
 Request::~Request()
 {
-    // shm_mq_detach only sets flags, wakes the counterpart and frees memory: it cannot error.
-    if (in_ != nullptr)
-        shm_mq_detach(in_);
-    if (out_ != nullptr)
-        shm_mq_detach(out_);
+    // Not shm_mq_detach: that would set the caller's latch for nothing (it has read all it
+    // needs, or it left). The queues are created afresh for the slot's next request.
+    // MemoryContextDelete only frees memory: it cannot error.
+    if (context_ != nullptr)
+        MemoryContextDelete(context_);
     RequestSlot *s = GetRequestSlot(slot_);
     SpinLockAcquire(&s->mutex);
     s->state = REQUEST_SLOT_FREE;

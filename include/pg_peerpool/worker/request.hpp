@@ -11,7 +11,9 @@
 #include "pg_peerpool/pool/protocol.hpp"
 
 extern "C" {
+#include "postgres.h"
 #include "storage/shm_mq.h"
+#include "utils/palloc.h"
 }
 
 namespace peerpool {
@@ -78,6 +80,7 @@ private:
     TimestampTz started_;
     TimestampTz deadline_ = 0;         // timeout_ms
     TimestampTz acquire_deadline_ = 0; // acquire_timeout
+    MemoryContext context_ = nullptr; // owns the queue handles
     shm_mq_handle *in_ = nullptr;
     shm_mq_handle *out_ = nullptr;
     bool launched_ = false;
