@@ -39,8 +39,9 @@ SharedState &State() { return RequireShared(); }
 
 } // namespace
 
-Node::Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now)
-    : fleet_(fleet), config_(std::move(config)), slot_(slot), state_since_(now)
+Node::Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now, bool at_startup)
+    : fleet_(fleet), config_(std::move(config)), slot_(slot), loaded_at_startup_(at_startup),
+      state_since_(now)
 {
 }
 
@@ -385,11 +386,14 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
     next_check_at_ = std::max(now, After(check_started_, peerpool_health_check_interval));
     CompleteCheckRequests(false);
 
+    // Hysteresis: a degraded node becomes healthy only below 80 % of the thresholds, so a
+    // value hovering around a threshold does not flap the state.
+    double margin = state_ == NODE_STATE_DEGRADED ? 0.8 : 1.0;
     std::string degraded_reason;
-    if (peerpool_degraded_latency > 0 && latency_ms_ > peerpool_degraded_latency)
+    if (peerpool_degraded_latency > 0 && latency_ms_ > margin * peerpool_degraded_latency)
         degraded_reason = Format("smoothed latency %.1f ms above peerpool.degraded_latency (%d ms)",
                                  latency_ms_, peerpool_degraded_latency);
-    else if (lag_ms_ >= 0 && peerpool_degraded_lag > 0 && lag_ms_ > peerpool_degraded_lag)
+    else if (lag_ms_ >= 0 && peerpool_degraded_lag > 0 && lag_ms_ > margin * peerpool_degraded_lag)
         degraded_reason = Format("replication lag %.0f ms above peerpool.degraded_lag (%d ms)",
                                  lag_ms_, peerpool_degraded_lag);
     NodeState target = degraded_reason.empty() ? NODE_STATE_HEALTHY : NODE_STATE_DEGRADED;
@@ -480,7 +484,9 @@ void Node::ScheduleRetry(const std::string &reason, TimestampTz now)
 {
     CloseAll();
     good_checks_ = 0;
-    retry_attempt_++;
+    if (!(on_request_ && state_ == NODE_STATE_RECONNECTING && retry_attempt_ > 0))
+        retry_attempt_++;
+    on_request_ = false;
     long delay = BackoffMs(retry_attempt_);
     next_retry_at_ = After(now, delay);
     if (state_ == NODE_STATE_RECONNECTING)
@@ -676,7 +682,10 @@ void Node::Manage(TimestampTz now)
     switch (state_) {
     case NODE_STATE_DISCONNECTED:
         if (config_.enabled) {
-            Transition(NODE_STATE_CONNECTING, started_ ? "node enabled" : "node registered", now);
+            Transition(NODE_STATE_CONNECTING,
+                       started_ ? "node enabled"
+                                : (loaded_at_startup_ ? "pool manager started" : "node registered"),
+                       now);
             started_ = true;
             StartCheck(now);
         } else {
@@ -690,8 +699,11 @@ void Node::Manage(TimestampTz now)
     case NODE_STATE_RECONNECTING:
         if (check_phase_ == CHECK_NONE) {
             TimestampTz due = good_checks_ > 0 ? next_check_at_ : next_retry_at_;
-            if (now >= due || requested)
+            if (now >= due || requested) {
+                // An attempt asked for by pool_check_health() does not advance the backoff.
+                on_request_ = now < due;
                 StartCheck(now);
+            }
         }
         break;
     case NODE_STATE_HEALTHY:

@@ -332,7 +332,7 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
         LWLockRelease(state.lock);
         if (slot < 0)
             continue; // no free slot; MirrorRegistry warned
-        nodes_[n.name] = std::make_unique<Node>(*this, n, slot, now);
+        nodes_[n.name] = std::make_unique<Node>(*this, n, slot, now, loaded_generation_ == 0);
     }
     for (const NodeConfig &n : diff.changed) {
         auto it = nodes_.find(n.name);

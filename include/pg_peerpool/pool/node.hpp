@@ -61,7 +61,8 @@ public:
 class Node {
 public:
     // `slot` is the node's index in SharedState::nodes, claimed by MirrorRegistry.
-    Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now);
+    // at_startup: loaded when the pool manager (re)started, not newly registered.
+    Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now, bool at_startup = false);
     ~Node();
 
     const std::string &name() const { return config_.name; }
@@ -183,6 +184,8 @@ private:
     NodeConfig config_;
     int slot_;
     bool started_ = false; // has left disconnected at least once
+    bool loaded_at_startup_ = false;
+    bool on_request_ = false; // the attempt in flight was asked for by pool_check_health()
     std::vector<std::unique_ptr<Connection>> conns_;
 
     NodeState state_ = NODE_STATE_DISCONNECTED;
