@@ -158,7 +158,7 @@ bool Connection::OnSocketReady()
                 return true;
             }
             state_ = CONN_STATE_IDLE;
-            connected_at_ = last_used_ = GetCurrentTimestamp();
+            connected_at_ = last_used_ = GetCurrentTimestamp(); // gettimeofday: cannot error
             return true;
         }
         if (poll_ == PGRES_POLLING_FAILED) {

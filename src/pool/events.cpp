@@ -69,9 +69,10 @@ void EventLog::Record(const std::string &node, NodeState from, NodeState to,
                       const std::string &reason, TimestampTz at)
 {
     SharedState &state = RequireShared();
-    LWLockAcquire(state.lock, LW_EXCLUSIVE);
     char e_reason[kReasonSize];
     CopyClipped(e_reason, sizeof(e_reason), reason);
+    // LWLockAcquire errors only when too many LWLocks are held; this is the only one held.
+    LWLockAcquire(state.lock, LW_EXCLUSIVE);
     EventRecord &e = state.events[state.events_written % kEventRingSize];
     e.at = at;
     strlcpy(e.node_name, node.c_str(), sizeof(e.node_name));

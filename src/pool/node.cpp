@@ -504,7 +504,7 @@ void Node::CompleteCheckRequests(bool all)
     if (target > pg_atomic_read_u64(&slot.check_completed)) {
         Publish(); // the waiter reads node_health right after waking
         pg_atomic_write_u64(&slot.check_completed, target);
-        ConditionVariableBroadcast(&State().check_cv);
+        ConditionVariableBroadcast(&State().check_cv); // spinlock + SetLatch: cannot error
     }
 }
 
@@ -805,6 +805,7 @@ void Node::Publish() const
                   last_error_,
                   last_sqlstate_};
     if (!ever_published_ || !(now == published_)) {
+        // Cannot error: the only LWLock held, and only plain stores under it.
         LWLockAcquire(State().lock, LW_EXCLUSIVE);
         slot.state = now.state;
         slot.detected_role = now.role;
