@@ -111,6 +111,16 @@ SELECT * FROM peerpool.pool_query('SELECT pg_sleep(10)', 'self') AS t(a text);
 RESET statement_timeout;
 SELECT * FROM peerpool.pool_query('SELECT ''still works''', 'self') AS t(a text);
 
+-- COPY is refused (0A000) and its connection discarded.
+SELECT * FROM peerpool.pool_query('COPY (SELECT 1) TO STDOUT', 'self') AS t(a int);
+-- A remote query that swallows the cancel and then starts COPY: the caller still gets its
+-- timeout, and the pool manager stays responsive (it used to spin on the COPY).
+SELECT * FROM peerpool.pool_query($q$DO $x$ BEGIN PERFORM pg_sleep(2);
+    EXCEPTION WHEN query_canceled THEN NULL; END $x$; COPY (SELECT 1) TO STDOUT$q$,
+    'self', timeout_ms => 300) AS t(a int);
+SELECT * FROM peerpool.pool_query('SELECT ''responsive''', 'self') AS t(a text);
+SELECT node_name, state FROM peerpool.pool_check_health('self');
+
 -- A connection left inside a transaction is never handed to the next caller.
 SELECT * FROM peerpool.pool_query('BEGIN', 'self') AS t(a text);
 SELECT * FROM peerpool.pool_query('SELECT now() = statement_timestamp() AS fresh_transaction',

@@ -151,6 +151,9 @@ bool Connection::OnSocketReady()
     switch (state_) {
     case CONN_STATE_CONNECTING: {
         PostgresPollingStatusType before = poll_;
+        // libpq may close the socket and open another (next host or address, SSL/GSS
+        // fallback) that gets the same fd number: the wait set must be rebuilt regardless.
+        poll_calls_++;
         poll_ = PQconnectPoll(conn_);
         if (poll_ == PGRES_POLLING_OK) {
             if (PQsetnonblocking(conn_, 1) != 0) {
@@ -165,7 +168,8 @@ bool Connection::OnSocketReady()
             MarkBroken(OneLine(PQerrorMessage(conn_)));
             return true;
         }
-        return poll_ != before; // the socket or direction may have changed
+        (void)before;
+        return true; // the socket or direction may have changed
     }
     case CONN_STATE_IDLE:
         if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) == CONNECTION_BAD) {
@@ -234,6 +238,14 @@ bool Connection::ReadResults()
         }
         std::unique_ptr<PGresult, decltype(&PQclear)> guard(res, &PQclear);
         ExecStatusType status = PQresultStatus(res);
+        if (status == PGRES_COPY_IN || status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
+            // COPY never ends by reading results: this connection is done for.
+            MarkBroken("COPY is not supported on pool connections");
+            query_finished_ = true;
+            outcome_.ok = false;
+            outcome_.error = error_;
+            return true;
+        }
         if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK) {
             outcome_.ok = outcome_.error.empty();
             int nrows = PQntuples(res), ncols = PQnfields(res);

@@ -112,6 +112,11 @@ void Node::CloseConnection(uint64 id, bool recycled)
         jobs_.erase(job);
     }
     held_for_cancel_.erase(id);
+    // A cancel still queued for this session is moot (and its pid could be reused).
+    int closing_pid = (*it)->backend_pid();
+    pending_cancels_.erase(std::remove(pending_cancels_.begin(), pending_cancels_.end(), closing_pid),
+                           pending_cancels_.end());
+    check_starved_ = false; // a slot is free again: a due check may open a connection
     LeaseOwner lost;
     auto lease = leases_.find(id);
     if (lease != leases_.end()) {
@@ -514,9 +519,13 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
 {
     bool never_connected = !conn->ever_connected();
     bool was_check = check_phase_ != CHECK_NONE && check_conn_ == conn->id();
+    auto job = jobs_.find(conn->id());
+    bool cancel_helper = job != jobs_.end() && job->second.kind == JOB_CANCEL;
     std::string error = conn->error();
     LogNotices(conn);
     CloseConnection(conn->id(), false);
+    if (cancel_helper)
+        return; // the helper that carries cancels failed; Manage retries pending cancels
 
     if (state_ == NODE_STATE_DRAINING || state_ == NODE_STATE_DISCONNECTED)
         return;
@@ -675,6 +684,8 @@ void Node::Manage(TimestampTz now)
     }
     if (Serving())
         GrantWaiting(now);
+    if (!pending_cancels_.empty())
+        StartCancel(0, now); // retry cancels whose first way out failed
 
     bool requested = pg_atomic_read_u64(&Slot().check_requested) >
                      pg_atomic_read_u64(&Slot().check_completed);
@@ -727,7 +738,8 @@ void Node::Manage(TimestampTz now)
                 idle.push_back(c->id());
         for (uint64 id : idle)
             CloseConnection(id, false);
-        if (now >= drain_deadline_) {
+        if (drain_deadline_ != 0 && now >= drain_deadline_) {
+            drain_deadline_ = 0; // done once; orphans then close on their own deadlines
             std::vector<std::pair<uint64, LeaseOwner>> running;
             for (const auto &[id, lease] : leases_)
                 if (lease.owner.valid())
@@ -754,7 +766,7 @@ TimestampTz Node::NextWake() const
     for (const auto &c : conns_) {
         if (c->state() == CONN_STATE_CONNECTING)
             consider(c->deadline());
-        if (c->state() == CONN_STATE_IDLE) {
+        if (c->state() == CONN_STATE_IDLE && Serving()) { // MaintainPool runs only then
             if (peerpool_max_lifetime > 0)
                 consider(After(c->connected_at(), peerpool_max_lifetime));
             if (peerpool_idle_timeout > 0 &&
@@ -785,7 +797,7 @@ void Node::CollectSockets(std::vector<SocketInterest> &out) const
     for (const auto &c : conns_) {
         uint32 events = c->WaitEvents();
         if (events != 0)
-            out.push_back({c->id(), c->socket(), events});
+            out.push_back({c->id(), c->socket(), events, c->socket_epoch()});
     }
 }
 
@@ -1145,12 +1157,19 @@ void Node::ReleaseHeld(int pid, TimestampTz now)
 // Reads and drops the results of a cancelled query; pools the connection once it is done.
 void Node::DrainOrphan(Connection *conn, TimestampTz now)
 {
+    // A query that entered COPY never ends by reading results: stop and close the connection.
     PumpStatus status = conn->Pump(
         [](PGresult *res) {
+            ExecStatusType st = PQresultStatus(res);
             PQclear(res);
-            return true;
+            return st != PGRES_COPY_IN && st != PGRES_COPY_OUT && st != PGRES_COPY_BOTH;
         },
         true);
+    if (status == PUMP_PAUSED) {
+        leases_.erase(conn->id());
+        CloseConnection(conn->id(), false);
+        return;
+    }
     if (status != PUMP_DONE)
         return;
     leases_.erase(conn->id());

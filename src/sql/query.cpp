@@ -387,9 +387,9 @@ void RunPoolQuery(FunctionCallInfo fcinfo, const char *message, Size len)
             if (!success) {
                 channel::Finish();
                 // The remote error, as the node raised it, with the node named (once: our own
-                // messages about the node already start with its name).
+                // messages about the node already name it).
                 char *prefix = psprintf("node \"%s\"", node);
-                bool named = strncmp(error, prefix, strlen(prefix)) == 0;
+                bool named = strstr(error, prefix) != nullptr;
                 ereport(ERROR, (errcode(SqlStateCode(state)),
                                 named ? errmsg_internal("%s", error)
                                       : errmsg_internal("node \"%s\": %s", node, error),

@@ -132,6 +132,7 @@ private:
         uint64 conn_id;
         pgsocket socket;
         uint32 events;
+        uint32 epoch;
     };
     WaitEventSet *wait_set_ = nullptr;
     std::vector<Registered> registered_;
@@ -148,10 +149,16 @@ PoolManager::~PoolManager()
 
 bool PoolManager::ReserveConnection(const Node *requester, bool evict)
 {
+    // Each libpq socket counts against the process's file descriptor allowance; take it first
+    // so a refusal never costs another node its connection.
+    if (!AcquireExternalFD())
+        return false;
     if (peerpool_max_total_connections > 0 &&
         total_connections_ >= peerpool_max_total_connections) {
-        if (!evict)
+        if (!evict) {
+            ReleaseExternalFD();
             return false;
+        }
         // The budget is spent: close the least recently used idle connection of any node.
         Node *victim = nullptr;
         TimestampTz victim_lru = 0;
@@ -163,12 +170,11 @@ bool PoolManager::ReserveConnection(const Node *requester, bool evict)
                 victim_lru = lru;
             }
         }
-        if (victim == nullptr || !victim->CloseOldestIdle())
+        if (victim == nullptr || !victim->CloseOldestIdle()) {
+            ReleaseExternalFD();
             return false;
+        }
     }
-    // Each libpq socket counts against the process's file descriptor allowance.
-    if (!AcquireExternalFD())
-        return false;
     total_connections_++;
     return true;
 }
@@ -359,12 +365,13 @@ void PoolManager::RebuildWaitSetIfNeeded()
         interests.clear();
         node->CollectSockets(interests);
         for (const auto &i : interests)
-            wanted.push_back({node.get(), i.conn_id, i.socket, i.events});
+            wanted.push_back({node.get(), i.conn_id, i.socket, i.events, i.epoch});
     }
     bool same = wait_set_ != nullptr && wanted.size() == registered_.size();
     for (size_t i = 0; same && i < wanted.size(); i++)
         same = wanted[i].node == registered_[i].node && wanted[i].conn_id == registered_[i].conn_id &&
-               wanted[i].socket == registered_[i].socket && wanted[i].events == registered_[i].events;
+               wanted[i].socket == registered_[i].socket && wanted[i].events == registered_[i].events &&
+               wanted[i].epoch == registered_[i].epoch;
     if (same)
         return;
 
@@ -423,6 +430,7 @@ void PoolManager::Shutdown()
     TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), peerpool_drain_timeout);
     while (!requests_.empty() && GetCurrentTimestamp() < deadline) {
         TimestampTz now = GetCurrentTimestamp();
+        ScanRequestSlots(now); // callers cancelled meanwhile get their queries cancelled
         for (auto &[name, node] : nodes_)
             node->Manage(now);
         StepRequests(now);
@@ -482,6 +490,8 @@ void PoolManager::Shutdown()
 void PoolManager::Run()
 {
     SharedState &state = RequireShared();
+    // A new generation before we become reachable: requests are stamped with it.
+    generation_ = pg_atomic_add_fetch_u32(&state.worker_generation, 1);
     pg::Call([&] {
         before_shmem_exit(ForgetWorker, 0);
         LWLockAcquire(state.lock, LW_EXCLUSIVE);
@@ -499,7 +509,6 @@ void PoolManager::Run()
     });
 
     Log(LOG, Format("pool manager started (database \"%s\")", peerpool_database));
-    generation_ = pg_atomic_add_fetch_u32(&state.worker_generation, 1);
     fired_.resize(64);
     while (!shutdown_requested) {
         if (ConfigReloadPending) {

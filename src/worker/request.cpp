@@ -98,6 +98,14 @@ void Request::Step(TimestampTz now)
     }
 
     bool timed_out = deadline_ != 0 && now >= deadline_;
+    if (timed_out) {
+        // Waiting tasks leave their queues first: aborting a running one frees a connection
+        // that must not start another task of this (timed-out) request.
+        for (size_t i = 0; i < tasks_.size(); i++)
+            if (tasks_[i].state == TASK_WAITING)
+                if (Node *node = host_.FindNode(tasks_[i].node))
+                    node->CancelWait({key_, static_cast<int>(i)});
+    }
     for (size_t i = 0; i < tasks_.size() && !abandoned_; i++) {
         Task &t = tasks_[i];
         if (t.state == TASK_DONE)

@@ -52,6 +52,8 @@ public:
     Connection &operator=(const Connection &) = delete;
 
     uint64 id() const { return id_; }
+    // Changes whenever libpq may have replaced the socket (while connecting).
+    uint32 socket_epoch() const { return poll_calls_; }
     ConnState state() const { return state_; }
     pgsocket socket() const;
     // WL_SOCKET_* events to wait for (0: none).
@@ -103,6 +105,7 @@ private:
     PostgresPollingStatusType poll_ = PGRES_POLLING_WRITING;
     bool flush_pending_ = false;
     bool paused_ = false;
+    uint32 poll_calls_ = 0;
     bool query_finished_ = false;
     QueryOutcome outcome_;
     std::string error_;

@@ -107,6 +107,7 @@ public:
         uint64 conn_id;
         pgsocket socket;
         uint32 events;
+        uint32 epoch; // Connection::socket_epoch()
     };
     void CollectSockets(std::vector<SocketInterest> &out) const;
 
