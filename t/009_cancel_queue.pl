@@ -198,7 +198,7 @@ for my $i (0 .. $#clients)
 	{
 		$ok++;
 	}
-	elsif ($err =~ /ERROR:\s+53300: node "$p1": timeout waiting for a connection of node "$p1"/)
+	elsif ($err =~ /ERROR:\s+53300: timeout waiting for a connection of node "$p1"/)
 	{
 		$busy++;
 	}
