@@ -1035,24 +1035,15 @@ void Node::StartCancel(int target_pid, TimestampTz now)
         for (const auto &c : conns_)
             if (c->state() == CONN_STATE_CONNECTING && jobs_.count(c->id()) != 0)
                 return; // already opening one; it sends the pending cancels in turn
-        if (!fleet_.ReserveConnection(this, true))
+        Connection *helper = OpenConnection(now, true);
+        if (helper == nullptr)
             return;
-        ConnOptions options;
-        try {
-            options = ConnectionOptions(config_.conninfo, peerpool_application_name,
-                                        kTcpUserTimeoutMs);
-        } catch (const Error &) {
-            fleet_.ReleaseConnection();
+        jobs_[helper->id()] = {JOB_CANCEL, 0, true, After(now, peerpool_connect_timeout)};
+        if (helper->state() == CONN_STATE_BROKEN) {
+            // Broken before it started (an unusable conninfo): no cancel can go out.
+            HandleBrokenConnection(helper, now);
             pending_cancels_.clear();
-            return;
         }
-        auto fresh = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now,
-                                                  After(now, peerpool_connect_timeout));
-        Connection *raw = fresh.get();
-        conns_.push_back(std::move(fresh));
-        jobs_[raw->id()] = {JOB_CANCEL, 0, true, After(now, peerpool_connect_timeout)};
-        if (raw->state() == CONN_STATE_BROKEN)
-            HandleBrokenConnection(raw, now);
         return; // SendCancelOn runs once it is connected
     }
 }

@@ -131,15 +131,9 @@ void Request::Step(TimestampTz now)
         }
     }
     Flush();
-    if (launched_ && !end_queued_ && !abandoned_) {
-        bool all_done = true;
-        for (const Task &t : tasks_)
-            all_done = all_done && t.state == TASK_DONE;
-        if (all_done) {
-            Queue(std::string(1, 'E'), true);
-            end_queued_ = true;
-            Flush();
-        }
+    if (!end_queued_) {
+        QueueEndIfDone(); // a request with no targets at all
+        Flush();
     }
     if ((end_queued_ && outbox_.empty()) || abandoned_)
         finished_ = true;
@@ -236,13 +230,18 @@ void Request::FinishTask(int index, bool success, const std::string &sqlstate,
     w.Str(success ? "" : t.detail).Str(success ? "" : t.hint);
     Queue(std::move(w.buffer()), true);
     // The last answer carries the end marker in the same batch: one wake fewer for the caller.
-    bool all_done = true;
-    for (const Task &task : tasks_)
-        all_done = all_done && task.state == TASK_DONE;
-    if (all_done && launched_ && !end_queued_) {
-        Queue(std::string(1, 'E'), true);
-        end_queued_ = true;
-    }
+    QueueEndIfDone();
+}
+
+void Request::QueueEndIfDone()
+{
+    if (!launched_ || end_queued_ || abandoned_)
+        return;
+    for (const Task &t : tasks_)
+        if (t.state != TASK_DONE)
+            return;
+    Queue(std::string(1, 'E'), true);
+    end_queued_ = true;
 }
 
 bool Request::OnGrant(int task, Node &, Connection &conn, TimestampTz now)

@@ -70,6 +70,7 @@ private:
                     const std::string &message, TimestampTz now);
     void Pump(int index, Node &node, Connection &conn, bool read_socket, TimestampTz now);
     bool HandleResult(int index, PGresult *res);
+    void QueueEndIfDone();
     void Queue(std::string message, bool flush);
     void Flush();
     size_t outbox_bytes() const { return outbox_bytes_; }
