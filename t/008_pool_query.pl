@@ -27,17 +27,7 @@ peerpool.unhealthy_lag = '60s'
 EOC
 
 # A primary that allows streaming and a standby streaming from it, both on 127.0.0.1 too.
-my $primary = PostgreSQL::Test::Cluster->new('primary');
-$primary->init(allows_streaming => 1);
-$primary->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'")
-  if $PostgreSQL::Test::Utils::use_unix_sockets;
-$primary->start;
-$primary->backup('b');
-my $standby = PostgreSQL::Test::Cluster->new('standby');
-$standby->init_from_backup($primary, 'b', has_streaming => 1);
-$standby->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'")
-  if $PostgreSQL::Test::Utils::use_unix_sockets;
-$standby->start;
+my ($primary, $standby) = PeerpoolFleet::streaming_pair();
 $primary->safe_psql('postgres', 'CREATE TABLE t (i int); INSERT INTO t VALUES (1)');
 $primary->wait_for_catchup($standby);
 

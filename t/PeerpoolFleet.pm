@@ -105,6 +105,30 @@ sub peers
 	return @nodes;
 }
 
+=item streaming_pair()
+
+Start a primary (C<primary>, allows streaming) and a standby (C<standby>)
+streaming from it, both also listening on 127.0.0.1. Returns ($primary,
+$standby).
+
+=cut
+
+sub streaming_pair
+{
+	my $primary = PostgreSQL::Test::Cluster->new('primary');
+	$primary->init(allows_streaming => 1);
+	$primary->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'")
+	  if $PostgreSQL::Test::Utils::use_unix_sockets;
+	$primary->start;
+	$primary->backup('b');
+	my $standby = PostgreSQL::Test::Cluster->new('standby');
+	$standby->init_from_backup($primary, 'b', has_streaming => 1);
+	$standby->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'")
+	  if $PostgreSQL::Test::Utils::use_unix_sockets;
+	$standby->start;
+	return ($primary, $standby);
+}
+
 =item peer_conninfo($peer)
 
 The conninfo the coordinator uses for a peer: TCP on loopback, database
@@ -493,41 +517,63 @@ delay longer, never shorter.
 
 =cut
 
-sub watch_start
+# Runs $select in $session without waiting for it. $create (a CREATE FUNCTION in pg_temp
+# named $function) runs once per session first. The output is kept under $key for
+# background_finish.
+sub background_start
 {
-	my ($session, $query, $timeout) = @_;
-	$timeout //= $DEFAULT_TIMEOUT;
-	if (!$session->{peerpool_seen_at})
+	my ($session, $function, $create, $key, $select) = @_;
+	if (!$session->{"peerpool_fn_$function"})
 	{
-		$session->query_safe(q{
-CREATE FUNCTION pg_temp.peerpool_seen_at(q text, timeout_s float8) RETURNS float8
-LANGUAGE plpgsql AS $$
+		$session->query_safe($create);
+		$session->{"peerpool_fn_$function"} = 1;
+	}
+	my $marker = "peerpool_${key}_started";
+	my $out = $session->query_until(qr/$marker\r?\n/, "\\echo $marker\n$select\n");
+	$out =~ s/^.*$marker\r?\n//s;
+	$session->{"peerpool_out_$key"} = $out;
+	return;
+}
+
+# Waits for what background_start ran under $key; returns all of its output.
+sub background_finish
+{
+	my ($session, $key) = @_;
+	return (delete $session->{"peerpool_out_$key"} // '') . $session->query('');
+}
+
+# The poll behind watch_start and stat_watch_start; fresh_stats clears the statistics
+# snapshot before each evaluation.
+my $SEEN_AT_FUNCTION = q{
+CREATE FUNCTION pg_temp.peerpool_seen_at(q text, timeout_s float8, fresh_stats boolean)
+RETURNS float8 LANGUAGE plpgsql AS $$
 DECLARE
     deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
     done boolean;
 BEGIN
     LOOP
+        IF fresh_stats THEN PERFORM pg_stat_clear_snapshot(); END IF;
         EXECUTE q INTO done;
         IF coalesce(done, false) THEN RETURN extract(epoch FROM clock_timestamp()); END IF;
         IF clock_timestamp() > deadline THEN RETURN NULL; END IF;
         PERFORM pg_sleep(0.001);
     END LOOP;
-END $$});
-		$session->{peerpool_seen_at} = 1;
-	}
-	my $out = $session->query_until(qr/peerpool_watch_started\r?\n/,
-		"\\echo peerpool_watch_started\n"
-		  . sprintf("SELECT pg_temp.peerpool_seen_at(%s, %s);\n", quote($query), $timeout));
-	$out =~ s/^.*peerpool_watch_started\r?\n//s;
-	$session->{peerpool_watch_out} = $out;
+END $$};
+
+sub watch_start
+{
+	my ($session, $query, $timeout, $fresh_stats) = @_;
+	$timeout //= $DEFAULT_TIMEOUT;
+	background_start($session, 'peerpool_seen_at', $SEEN_AT_FUNCTION, 'watch',
+		sprintf('SELECT pg_temp.peerpool_seen_at(%s, %s, %s);',
+			quote($query), $timeout, $fresh_stats ? 'true' : 'false'));
 	return;
 }
 
 sub watch_finish
 {
 	my ($session) = @_;
-	my $out = (delete $session->{peerpool_watch_out} // '') . $session->query('');
-	my ($seen) = grep { /\S/ } split /\r?\n/, $out;
+	my ($seen) = grep { /\S/ } split /\r?\n/, background_finish($session, 'watch');
 	return defined $seen ? $seen + 0 : undef;
 }
 
@@ -712,32 +758,7 @@ peer: watch its remote sessions appear or go away.
 sub stat_watch_start
 {
 	my ($session, $query, $timeout) = @_;
-	$timeout //= $DEFAULT_TIMEOUT;
-	if (!$session->{peerpool_stat_seen_at})
-	{
-		$session->query_safe(q{
-CREATE FUNCTION pg_temp.peerpool_stat_seen_at(q text, timeout_s float8) RETURNS float8
-LANGUAGE plpgsql AS $$
-DECLARE
-    deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
-    done boolean;
-BEGIN
-    LOOP
-        PERFORM pg_stat_clear_snapshot();
-        EXECUTE q INTO done;
-        IF coalesce(done, false) THEN RETURN extract(epoch FROM clock_timestamp()); END IF;
-        IF clock_timestamp() > deadline THEN RETURN NULL; END IF;
-        PERFORM pg_sleep(0.001);
-    END LOOP;
-END $$});
-		$session->{peerpool_stat_seen_at} = 1;
-	}
-	my $out = $session->query_until(qr/peerpool_watch_started\r?\n/,
-		"\\echo peerpool_watch_started\n"
-		  . sprintf("SELECT pg_temp.peerpool_stat_seen_at(%s, %s);\n", quote($query), $timeout));
-	$out =~ s/^.*peerpool_watch_started\r?\n//s;
-	$session->{peerpool_watch_out} = $out;
-	return;
+	return watch_start($session, $query, $timeout, 1);
 }
 
 =item stat_lifetime_start($session, $query, $timeout_s) / stat_lifetime_finish($session)
@@ -755,9 +776,7 @@ sub stat_lifetime_start
 {
 	my ($session, $query, $timeout) = @_;
 	$timeout //= $DEFAULT_TIMEOUT;
-	if (!$session->{peerpool_stat_lifetime})
-	{
-		$session->query_safe(q{
+	background_start($session, 'peerpool_stat_lifetime', q{
 CREATE FUNCTION pg_temp.peerpool_stat_lifetime(q text, timeout_s float8,
     OUT appeared float8, OUT gone float8)
 LANGUAGE plpgsql AS $$
@@ -777,23 +796,16 @@ BEGIN
         IF clock_timestamp() > deadline THEN RETURN; END IF;
         PERFORM pg_sleep(0.001);
     END LOOP;
-END $$});
-		$session->{peerpool_stat_lifetime} = 1;
-	}
-	my $out = $session->query_until(qr/peerpool_lifetime_started\r?\n/,
-		"\\echo peerpool_lifetime_started\n"
-		  . sprintf("SELECT appeared, gone FROM pg_temp.peerpool_stat_lifetime(%s, %s);\n",
+END $$}, 'lifetime',
+		sprintf('SELECT appeared, gone FROM pg_temp.peerpool_stat_lifetime(%s, %s);',
 			quote($query), $timeout));
-	$out =~ s/^.*peerpool_lifetime_started\r?\n//s;
-	$session->{peerpool_lifetime_out} = $out;
 	return;
 }
 
 sub stat_lifetime_finish
 {
 	my ($session) = @_;
-	my $out = (delete $session->{peerpool_lifetime_out} // '') . $session->query('');
-	my ($line) = grep { /\|/ } split /\r?\n/, $out;
+	my ($line) = grep { /\|/ } split /\r?\n/, background_finish($session, 'lifetime');
 	my ($appeared, $gone) = split /\|/, ($line // '|'), -1;
 	return (
 		(defined $appeared && $appeared ne '' ? $appeared + 0 : undef),
@@ -812,9 +824,7 @@ returns (maximum, number of samples).
 sub stat_sample_start
 {
 	my ($session, $query, $duration) = @_;
-	if (!$session->{peerpool_stat_max})
-	{
-		$session->query_safe(q{
+	background_start($session, 'peerpool_stat_max', q{
 CREATE FUNCTION pg_temp.peerpool_stat_max(q text, secs float8, OUT max_value bigint, OUT samples bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -830,25 +840,19 @@ BEGIN
         IF max_value IS NULL OR v > max_value THEN max_value := v; END IF;
         PERFORM pg_sleep(0.001);
     END LOOP;
-END $$});
-		$session->{peerpool_stat_max} = 1;
-	}
-	my $out = $session->query_until(qr/peerpool_sample_started\r?\n/,
-		"\\echo peerpool_sample_started\n"
-		  . sprintf("SELECT max_value, samples FROM pg_temp.peerpool_stat_max(%s, %s);\n",
+END $$}, 'sample',
+		sprintf('SELECT max_value, samples FROM pg_temp.peerpool_stat_max(%s, %s);',
 			quote($query), $duration));
-	$out =~ s/^.*peerpool_sample_started\r?\n//s;
-	$session->{peerpool_sample_out} = $out;
 	return;
 }
 
 sub stat_sample_finish
 {
 	my ($session) = @_;
-	my $out = (delete $session->{peerpool_sample_out} // '') . $session->query('');
-	my ($line) = grep { /\S/ } split /\r?\n/, $out;
+	my ($line) = grep { /\S/ } split /\r?\n/, background_finish($session, 'sample');
 	return split /\|/, ($line // '|');
 }
+
 
 =item proc_memory_kb($pid)
 
