@@ -11,7 +11,7 @@
 .DEFAULT_GOAL := all
 
 EXTENSION = pg_peerpool
-DATA = sql/pg_peerpool--0.1.0.sql
+DATA = sql/pg_peerpool--0.1.0.sql sql/pg_peerpool--0.2.0.sql sql/pg_peerpool--0.1.0--0.2.0.sql
 MODULE_big = pg_peerpool
 
 SRCS = src/pg_peerpool.cpp \

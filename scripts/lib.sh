@@ -1,6 +1,8 @@
 # Shared helpers for scripts/*.sh: where PostgreSQL lives, how to become root / postgres.
-PG_BINDIR=/usr/lib/postgresql/15/bin
-PG_CONFIG=$PG_BINDIR/pg_config
+# PG_CONFIG may point at another PostgreSQL 15 installation (for example a private copy, so
+# several checkouts can install and test side by side); the default is Debian's.
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+PG_BINDIR=$(dirname "$PG_CONFIG")
 export PG_CONFIG
 
 # Runs a command as root (directly, or through sudo for a normal user).
