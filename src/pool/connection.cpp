@@ -115,11 +115,26 @@ uint32 Connection::WaitEvents() const
 
 void Connection::NoticeReceiver(void *arg, const PGresult *res)
 {
-    // Called from inside libpq: must not throw or ereport.
+    // Called from inside libpq: must not throw or ereport. A peer may send any number of
+    // notices of any size: keep kMaxNotices until the owner logs them (after each query), each cut to
+    // kMaxNoticeBytes (at a UTF-8 boundary), and only count the rest.
     auto *self = static_cast<Connection *>(arg);
     try {
-        if (self->notices_.size() < 100)
-            self->notices_.push_back(OneLine(PQresultErrorMessage(res)));
+        if (self->notices_.size() >= kMaxNotices) {
+            self->notices_dropped_++;
+            return;
+        }
+        const char *message = PQresultErrorMessage(res);
+        size_t len = strnlen(message, kMaxNoticeBytes + 1);
+        std::string text(message, len);
+        if (len > kMaxNoticeBytes) {
+            size_t n = kMaxNoticeBytes;
+            while (n > 0 && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80)
+                n--;
+            text.resize(n);
+            text += " [cut]";
+        }
+        self->notices_.push_back(OneLine(text.c_str()));
     } catch (...) {
     }
 }
@@ -128,6 +143,11 @@ std::vector<std::string> Connection::TakeNotices()
 {
     std::vector<std::string> out;
     out.swap(notices_);
+    if (notices_dropped_ > 0) {
+        out.push_back(Format("%llu further notices not logged",
+                             static_cast<unsigned long long>(notices_dropped_)));
+        notices_dropped_ = 0;
+    }
     return out;
 }
 
@@ -238,6 +258,13 @@ bool Connection::ReadResults()
         }
         std::unique_ptr<PGresult, decltype(&PQclear)> guard(res, &PQclear);
         ExecStatusType status = PQresultStatus(res);
+        if (IsClientSideError(res)) {
+            MarkBroken("protocol error: " + OneLine(PQresultErrorMessage(res)));
+            query_finished_ = true;
+            outcome_.ok = false;
+            outcome_.error = error_;
+            return true;
+        }
         if (status == PGRES_COPY_IN || status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
             // COPY never ends by reading results: this connection is done for.
             MarkBroken("COPY is not supported on pool connections");

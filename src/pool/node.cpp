@@ -32,7 +32,8 @@ const char *kCheckSql =
 constexpr int kTcpUserTimeoutMs = 10000;
 constexpr double kLatencySmoothing = 0.3; // weight of the newest sample in the moving average
 
-TimestampTz After(TimestampTz t, long ms) { return TimestampTzPlusMilliseconds(t, ms); }
+// Every sum of GUC milliseconds is taken in 64 bits: each GUC may be INT_MAX on its own.
+TimestampTz After(TimestampTz t, int64 ms) { return t + ms * INT64CONST(1000); }
 double MsBetween(TimestampTz from, TimestampTz to) { return static_cast<double>(to - from) / 1000.0; }
 
 SharedState &State() { return RequireShared(); }
@@ -265,7 +266,7 @@ void Node::StartCheck(TimestampTz now)
     check_request_target_ = pg_atomic_read_u64(&Slot().check_requested);
     check_started_ = now;
     bool attempt = !Serving(); // connecting or reconnecting: connect + check
-    check_deadline_ = After(now, peerpool_health_check_timeout +
+    check_deadline_ = After(now, static_cast<int64>(peerpool_health_check_timeout) +
                                      (attempt ? peerpool_connect_timeout : 0));
     check_starved_ = false;
     if (Connection *idle = IdleConnection()) {
@@ -940,6 +941,7 @@ void Node::ReleaseLease(uint64 conn_id, bool ok, TimestampTz now)
     Connection *conn = FindConnection(conn_id);
     if (conn == nullptr)
         return;
+    LogNotices(conn); // what the caller's query raised, bounded (Connection::NoticeReceiver)
     if (conn->state() == CONN_STATE_BROKEN) {
         HandleBrokenConnection(conn, now);
         return;
@@ -996,7 +998,7 @@ void Node::AbortLease(uint64 conn_id, TimestampTz now)
     // The connection stays busy, its results discarded, until the cancelled query returns;
     // then it is cleaned and pooled. If it does not return in time it is closed.
     it->second.owner = LeaseOwner();
-    it->second.orphan_deadline = After(now, peerpool_connect_timeout + 1000);
+    it->second.orphan_deadline = After(now, static_cast<int64>(peerpool_connect_timeout) + 1000);
     if (conn->state() != CONN_STATE_BUSY) {
         leases_.erase(it);
         ReturnToPool(conn, now);

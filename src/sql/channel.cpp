@@ -2,6 +2,7 @@
 // include/pg_peerpool/shmem.hpp, RequestSlot).
 #include "pg_peerpool/sql/channel.hpp"
 
+#include "pg_peerpool/pool/protocol.hpp"
 #include "pg_peerpool/shmem.hpp"
 
 extern "C" {
@@ -21,6 +22,8 @@ namespace {
 
 constexpr long kPollMs = 100;          // how often a waiting backend checks the pool manager
 constexpr long kSlotFreeTimeoutMs = 5000;
+// The pool manager's own timeout answer normally arrives first; ours is the backstop.
+constexpr long kDeadlineGraceMs = 50;
 
 struct Current {
     bool active = false;
@@ -29,6 +32,13 @@ struct Current {
     shm_mq_handle *recv = nullptr;
     uint32 worker_procno_plus1 = 0;
     uint32 generation = 0;
+    int nest_level = 0; // transaction nesting level that submitted the request
+    uint64 request_id = 0;
+    // pool_query (one node, rows converted here): the call's own deadline, so a caller that
+    // converts slowly still ends on time although the pool manager's verdict waits behind
+    // the rows already queued. 0 = none (parallel_query answers per node).
+    TimestampTz deadline = 0;
+    int timeout_ms = 0;
 };
 Current current;
 bool callbacks_registered = false;
@@ -62,9 +72,14 @@ void Abandon()
 
 void XactCallback(XactEvent, void *) { Abandon(); }
 
+// Only the abort of the subtransaction that submitted the request, or of one of its parents,
+// ends the request: a subtransaction started and rolled back inside it (a PL/pgSQL exception
+// block in a domain CHECK or an input function that converts the rows) leaves it running.
+// The callback runs while the aborting subtransaction is still the current one.
 void SubXactCallback(SubXactEvent event, SubTransactionId, SubTransactionId, void *)
 {
-    if (event == SUBXACT_EVENT_ABORT_SUB)
+    if (event == SUBXACT_EVENT_ABORT_SUB && current.active &&
+        GetCurrentTransactionNestLevel() <= current.nest_level)
         Abandon();
 }
 
@@ -112,7 +127,17 @@ void Submit(const char *message, Size len)
         before_shmem_exit(ExitCallback, 0);
         callbacks_registered = true;
     }
-    Abandon(); // nothing should be active; be safe
+    // One request per backend at a time: a call made while rows of another are being
+    // converted (a domain CHECK or a type input function that calls pool_query) is refused;
+    // the outer request goes on.
+    if (current.active)
+        ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                        errmsg("pg_peerpool calls cannot be nested"),
+                        errdetail("This session is still reading the result of another "
+                                  "parallel_query, parallel_query_rows or pool_query call."),
+                        errhint("Call it outside of functions that run while a result is "
+                                "being converted, such as domain checks and type input "
+                                "functions.")));
 
     uint32 procno_plus1 = pg_atomic_read_u32(&state->worker_procno_plus1);
     if (procno_plus1 == 0)
@@ -160,6 +185,16 @@ void Submit(const char *message, Size len)
     current.slot = slot;
     current.worker_procno_plus1 = procno_plus1;
     current.generation = pg_atomic_read_u32(&state->worker_generation);
+    current.nest_level = GetCurrentTransactionNestLevel();
+    current.deadline = 0;
+    protocol::RequestKind kind;
+    int32 timeout_ms = 0;
+    if (protocol::PeekRequestHeader(message, len, kind, timeout_ms) &&
+        kind != protocol::REQUEST_KIND_PARALLEL && timeout_ms > 0) {
+        current.timeout_ms = timeout_ms;
+        current.deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+                                                       static_cast<int64>(timeout_ms) + kDeadlineGraceMs);
+    }
     current.active = true;
 
     SpinLockAcquire(&slot->mutex);
@@ -167,6 +202,7 @@ void Submit(const char *message, Size len)
     slot->cancel = false;
     slot->worker_generation = current.generation;
     slot->request_id++;
+    current.request_id = slot->request_id;
     slot->backend_pid = MyProcPid;
     SpinLockRelease(&slot->mutex);
     pg_atomic_fetch_add_u64(&state->request_events, 1);
@@ -182,10 +218,37 @@ void Submit(const char *message, Size len)
     }
 }
 
+// The slot was freed (or reused) by the pool manager while we still wait for answers.
+static bool SlotReleased()
+{
+    SpinLockAcquire(&current.slot->mutex);
+    bool released = current.slot->state == REQUEST_SLOT_FREE ||
+                    current.slot->request_id != current.request_id;
+    SpinLockRelease(&current.slot->mutex);
+    return released;
+}
+
+[[noreturn]] static void DeadlinePassed()
+{
+    int timeout_ms = current.timeout_ms;
+    Abandon(); // the pool manager cancels the remote query
+    ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
+                    errmsg("timeout: the call did not complete within %d ms", timeout_ms)));
+    pg_unreachable();
+}
+
 void Receive(Size *len, const char **data)
 {
+    if (!current.active)
+        ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
+                        errmsg("the pg_peerpool request was abandoned"),
+                        errdetail("The subtransaction that started it was rolled back.")));
     for (;;) {
         void *raw = nullptr;
+        // A caller converting rows slowly (a domain CHECK, say) always has rows waiting: the
+        // deadline is checked between messages too, not only when the queue is empty.
+        if (current.deadline != 0 && GetCurrentTimestamp() >= current.deadline)
+            DeadlinePassed();
         shm_mq_result r = shm_mq_receive(current.recv, len, &raw, true);
         if (r == SHM_MQ_SUCCESS) {
             *data = static_cast<const char *>(raw);
@@ -194,6 +257,22 @@ void Receive(Size *len, const char **data)
         // Only an empty queue tells: what the pool manager sent before it left is still read.
         if (r == SHM_MQ_DETACHED || WorkerChanged())
             WorkerGone();
+        if (SlotReleased()) {
+            // Freed without an end marker: the pool manager failed this request and could
+            // not tell us (see Request::FailInternal). Read once more: the slot is released
+            // after the last message is in the queue.
+            r = shm_mq_receive(current.recv, len, &raw, true);
+            if (r == SHM_MQ_SUCCESS) {
+                *data = static_cast<const char *>(raw);
+                return;
+            }
+            Abandon();
+            ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
+                            errmsg("the pg_peerpool pool manager dropped this request"),
+                            errhint("The server log of the pool manager says why.")));
+        }
+        if (current.deadline != 0 && GetCurrentTimestamp() >= current.deadline)
+            DeadlinePassed();
         WaitForWorker();
     }
 }

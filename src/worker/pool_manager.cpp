@@ -57,6 +57,18 @@ void HandleSigterm(SIGNAL_ARGS)
     errno = save_errno;
 }
 
+// pg_cancel_backend() of the pool manager: there is no statement of ours to cancel, and the
+// default handler would raise an ERROR that ends every pool. Noted and logged, nothing more.
+volatile sig_atomic_t cancel_requested = false;
+
+void HandleSigint(SIGNAL_ARGS)
+{
+    int save_errno = errno;
+    cancel_requested = true;
+    SetLatch(MyLatch);
+    errno = save_errno;
+}
+
 // before_shmem_exit: stop backends from setting a latch that is about to be reused.
 void ForgetWorker(int, Datum)
 {
@@ -98,6 +110,7 @@ public:
 
 private:
     Request *FindRequest(uint64 key);
+    template <typename F> auto Guarded(Request *r, F &&step) -> decltype(step());
     void ScanRequestSlots(TimestampTz now);
     void StepRequests(TimestampTz now);
     void SyncRegistryIfNeeded(TimestampTz now);
@@ -206,30 +219,51 @@ Request *PoolManager::FindRequest(uint64 key)
     return it == requests_.end() ? nullptr : it->second.get();
 }
 
+// Runs one step of one request. Anything that escapes it (out of memory, an ERROR raised by a
+// queue operation, malformed data) fails that request alone; the nodes never see it.
+template <typename F> auto PoolManager::Guarded(Request *r, F &&step) -> decltype(step())
+{
+    try {
+        return step();
+    } catch (const std::exception &e) {
+        std::string what = e.what();
+        try {
+            Log(WARNING, Format("request %llu failed inside the pool manager: %s",
+                                static_cast<unsigned long long>(r->key()), what.c_str()));
+            r->FailInternal("pg_peerpool could not serve this request: " + what);
+        } catch (...) {
+            r->Abandon(GetCurrentTimestamp());
+        }
+    } catch (...) {
+        r->Abandon(GetCurrentTimestamp());
+    }
+    return decltype(step())();
+}
+
 bool PoolManager::Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now)
 {
     Request *r = FindRequest(owner.request_key);
-    return r != nullptr && r->OnGrant(owner.task, node, conn, now);
+    return r != nullptr && Guarded(r, [&] { return r->OnGrant(owner.task, node, conn, now); });
 }
 
 void PoolManager::LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
                              TimestampTz now)
 {
     if (Request *r = FindRequest(owner.request_key))
-        r->OnReady(owner.task, node, conn, now);
+        Guarded(r, [&] { r->OnReady(owner.task, node, conn, now); });
 }
 
 void PoolManager::LeaseLost(const LeaseOwner &owner, const std::string &error, TimestampTz now)
 {
     if (Request *r = FindRequest(owner.request_key))
-        r->OnLost(owner.task, error, now);
+        Guarded(r, [&] { r->OnLost(owner.task, error, now); });
 }
 
 void PoolManager::WaitFailed(const LeaseOwner &owner, int sqlerrcode, const std::string &error,
                              TimestampTz now)
 {
     if (Request *r = FindRequest(owner.request_key))
-        r->OnWaitFailed(owner.task, sqlerrcode, error, now);
+        Guarded(r, [&] { r->OnWaitFailed(owner.task, sqlerrcode, error, now); });
 }
 
 // Picks up submitted requests and callers that gave up. Runs when a backend signalled a
@@ -261,7 +295,18 @@ void PoolManager::ScanRequestSlots(TimestampTz now)
         }
         if (slot_state == REQUEST_SLOT_SUBMITTED && !cancel) {
             uint64 key = ++last_request_key_;
-            requests_[key] = std::make_unique<Request>(*this, i, key, now);
+            try {
+                requests_[key] = std::make_unique<Request>(*this, i, key, now);
+            } catch (const std::exception &e) {
+                // Could not even attach: free the slot; the caller sees it and fails.
+                requests_.erase(key);
+                Log(WARNING, Format("could not take a request: %s", e.what()));
+                SpinLockAcquire(&slot->mutex);
+                slot->state = REQUEST_SLOT_FREE;
+                SpinLockRelease(&slot->mutex);
+                SetLatch(&ProcGlobal->allProcs[i].procLatch);
+                continue;
+            }
             request_by_slot_[i] = key;
         } else if (cancel) {
             // Abandoned before we picked it up: nothing to undo, the slot is free again.
@@ -277,7 +322,8 @@ void PoolManager::ScanRequestSlots(TimestampTz now)
 void PoolManager::StepRequests(TimestampTz now)
 {
     for (auto it = requests_.begin(); it != requests_.end();) {
-        it->second->Step(now);
+        Request *r = it->second.get();
+        Guarded(r, [&] { r->Step(now); });
         if (it->second->Finished()) {
             request_by_slot_.erase(it->second->slot());
             it = requests_.erase(it); // detaches, frees the slot
@@ -511,6 +557,11 @@ void PoolManager::Run()
     Log(LOG, Format("pool manager started (database \"%s\")", peerpool_database));
     fired_.resize(64);
     while (!shutdown_requested) {
+        if (cancel_requested) {
+            cancel_requested = false;
+            Log(LOG, "ignoring a cancel request (SIGINT): the pool manager runs no statement of "
+                     "its own; callers cancel their own calls");
+        }
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
             pg::Call([] { ProcessConfigFile(PGC_SIGHUP); });
@@ -578,6 +629,7 @@ void peerpool_pool_manager_main(Datum)
 {
     pqsignal(SIGTERM, peerpool::HandleSigterm);
     pqsignal(SIGHUP, SignalHandlerForConfigReload);
+    pqsignal(SIGINT, peerpool::HandleSigint);
     BackgroundWorkerUnblockSignals();
     BackgroundWorkerInitializeConnection(peerpool_database, nullptr, 0);
     // libpq would pass the postmaster's own client settings on to every peer session; the

@@ -6,6 +6,8 @@
 // plus the largest single row.
 #include "pg_peerpool/worker/request.hpp"
 
+#include <set>
+
 #include "pg_peerpool/pg/guard.hpp"
 #include "pg_peerpool/pool/routing.hpp"
 #include "pg_peerpool/shmem.hpp"
@@ -26,11 +28,31 @@ constexpr size_t kOutboxLimit = 256 * 1024;
 // Rows are published to the caller in batches of about half the response queue; answers
 // ('D'), failures ('X') and the end ('E') at once. A small result thus wakes the caller once.
 constexpr size_t kPublishBytes = kResponseQueueSize / 2;
+// The largest message the response queue carries: the caller pallocs each one (MaxAllocSize).
+// A row that would exceed it fails its node with 54000 instead of reaching shm_mq_send.
+constexpr size_t kMaxMessageBytes = MaxAllocSize;
 
 std::string SqlState(int sqlerrcode)
 {
     // unpack_sql_state only formats into a static buffer.
     return unpack_sql_state(sqlerrcode);
+}
+
+// A caller-supplied name for a message: in double quotes, with quotes doubled and control
+// characters escaped, so that a name cannot forge a line of the client's output.
+std::string QuoteName(const std::string &name)
+{
+    std::string out = "\"";
+    for (unsigned char ch : name) {
+        if (ch == '"')
+            out += "\"\"";
+        else if (ch < 0x20 || ch == 0x7f)
+            out += Format("\\x%02x", ch);
+        else
+            out.push_back(static_cast<char>(ch));
+    }
+    out += "\"";
+    return out;
 }
 
 std::string ResultField(const PGresult *res, int field)
@@ -97,8 +119,9 @@ void Request::Step(TimestampTz now)
         }
     }
 
-    bool timed_out = deadline_ != 0 && now >= deadline_;
+    bool timed_out = deadline_ != 0 && now >= deadline_ && !timed_out_;
     if (timed_out) {
+        timed_out_ = true;
         // Waiting tasks leave their queues first: aborting a running one frees a connection
         // that must not start another task of this (timed-out) request.
         for (size_t i = 0; i < tasks_.size(); i++)
@@ -118,6 +141,8 @@ void Request::Step(TimestampTz now)
                 else
                     node->AbortLease(t.conn_id, now);
             }
+            // Rows of this node still queued here would only delay the answer behind them.
+            DropQueuedRows(static_cast<int>(i));
             FinishTask(static_cast<int>(i), false, SqlState(ERRCODE_QUERY_CANCELED),
                        Format("timeout: node \"%s\" did not answer within %d ms", t.node.c_str(),
                               request_.timeout_ms),
@@ -152,14 +177,20 @@ void Request::Launch(TimestampTz now)
         if (request_.has_nodes) {
             std::string unknown;
             int unknown_count = 0;
+            std::set<std::string> seen;
             for (const std::string &name : request_.nodes) {
+                if (!seen.insert(name).second)
+                    continue; // a node named twice runs once (SPEC section 5)
                 Node *n = host_.FindNode(name);
                 if (n == nullptr || n->state() == NODE_STATE_DRAINING) {
-                    unknown += Format("%s\"%s\"", unknown.empty() ? "" : ", ", name.c_str());
+                    if (unknown_count < 10)
+                        unknown += (unknown.empty() ? "" : ", ") + QuoteName(name);
                     unknown_count++;
                 }
                 targets.push_back(n);
             }
+            if (unknown_count > 10)
+                unknown += Format(" and %d more", unknown_count - 10);
             if (unknown_count > 0) {
                 Fail(ERRCODE_UNDEFINED_OBJECT,
                      unknown_count == 1 ? Format("node %s does not exist", unknown.c_str())
@@ -275,6 +306,15 @@ void Request::Pump(int index, Node &node, Connection &conn, bool read_socket, Ti
     PumpStatus status =
         conn.Pump([&](PGresult *res) { return HandleResult(index, res); }, read_socket);
     t.paused = status == PUMP_PAUSED;
+    if (t.too_big) {
+        // The node's query goes on without us: cancel it, drop its results, fail the node.
+        uint64 conn_id = t.conn_id;
+        DropQueuedRows(index);
+        FinishTask(index, false, t.sqlstate, t.message, now);
+        node.AbortLease(conn_id, now);
+        Flush();
+        return;
+    }
     if (t.copy) {
         uint64 conn_id = t.conn_id;
         FinishTask(index, false, t.sqlstate, t.message, now);
@@ -316,6 +356,21 @@ bool Request::HandleResult(int index, PGresult *res)
             t.columns_sent = true;
         }
         for (int r = 0; r < PQntuples(res); r++) {
+            size_t bytes = 9 + 4 * static_cast<size_t>(ncols);
+            for (int c = 0; c < ncols; c++)
+                bytes += static_cast<size_t>(PQgetlength(res, r, c));
+            if (bytes > kMaxMessageBytes) {
+                if (!t.failed) {
+                    t.failed = true;
+                    t.sqlstate = SqlState(ERRCODE_PROGRAM_LIMIT_EXCEEDED);
+                    t.message = Format("node \"%s\" returned a row of %zu bytes, more than "
+                                       "pg_peerpool can pass to the caller (%zu bytes)",
+                                       t.node.c_str(), bytes, kMaxMessageBytes);
+                }
+                t.too_big = true;
+                PQclear(res);
+                return false;
+            }
             protocol::Writer w('R');
             w.U32(static_cast<uint32_t>(index)).U32(static_cast<uint32_t>(ncols));
             for (int c = 0; c < ncols; c++) {
@@ -411,9 +466,56 @@ void Request::Abandon(TimestampTz now)
 
 TimestampTz Request::NextWake() const
 {
-    if (finished_ || !launched_)
+    // After the deadline was handled only the caller's reading moves us on (shm_mq sets our
+    // latch): a deadline in the past must not turn the loop into a busy wait.
+    if (finished_ || !launched_ || timed_out_)
         return 0;
     return deadline_;
+}
+
+void Request::DropQueuedRows(int index)
+{
+    for (auto it = outbox_.begin(); it != outbox_.end();) {
+        const std::string &m = it->first;
+        uint32_t task = 0;
+        if ((m[0] == 'R' || m[0] == 'C') && m.size() >= 5)
+            memcpy(&task, m.data() + 1, sizeof(task));
+        if ((m[0] == 'R' || m[0] == 'C') && m.size() >= 5 && task == static_cast<uint32_t>(index)) {
+            outbox_bytes_ -= m.size();
+            it = outbox_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+}
+
+void Request::FailInternal(const std::string &message)
+{
+    if (finished_)
+        return;
+    // Whatever this request queued is void; the caller gets one error and its remote queries
+    // are cancelled. Nothing of it may reach another request.
+    TimestampTz now = GetCurrentTimestamp();
+    bool was_abandoned = abandoned_;
+    Abandon(now);
+    if (was_abandoned)
+        return;
+    abandoned_ = false; // send the error (Abandon dropped the outbox)
+    end_queued_ = false;
+    finished_ = false;
+    Fail(ERRCODE_INTERNAL_ERROR, message, "The pool manager failed this request only.");
+    try {
+        Flush();
+    } catch (...) {
+        // As below: the caller learns from its freed slot.
+    }
+    if (!outbox_.empty()) {
+        // The caller is not reading: give up on telling it; it sees its slot freed.
+        outbox_.clear();
+        outbox_bytes_ = 0;
+    }
+    abandoned_ = true;
+    finished_ = true;
 }
 
 void Request::Queue(std::string message, bool flush)

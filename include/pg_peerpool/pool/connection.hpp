@@ -115,10 +115,24 @@ private:
     TimestampTz deadline_ = 0;
     TimestampTz query_started_ = 0;
     std::vector<std::string> notices_;
+    uint64 notices_dropped_ = 0;
 };
+
+// Bounds on what a peer's notices may cost us per query (memory held, lines logged).
+constexpr size_t kMaxNotices = 20;
+constexpr size_t kMaxNoticeBytes = 1024;
 
 // libpq's message as one line without the trailing newline.
 std::string OneLine(const char *message);
+
+// An error result that libpq made up itself (no SQLSTATE from the server): lost
+// synchronisation, an unexpected message, out of memory. The connection cannot be trusted.
+inline bool IsClientSideError(const PGresult *res)
+{
+    ExecStatusType st = PQresultStatus(res);
+    return (st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE) &&
+           PQresultErrorField(res, PG_DIAG_SQLSTATE) == nullptr;
+}
 
 template <typename Sink> PumpStatus Connection::Pump(Sink &&sink, bool read_socket)
 {
@@ -146,6 +160,13 @@ template <typename Sink> PumpStatus Connection::Pump(Sink &&sink, bool read_sock
                 MarkBroken(OneLine(PQerrorMessage(conn_)));
             else
                 state_ = CONN_STATE_IDLE;
+            return PUMP_DONE;
+        }
+        if (IsClientSideError(res)) {
+            // libpq's own verdict (a message it did not expect): the session is out of step
+            // with the server and would wait for a ReadyForQuery that never comes.
+            MarkBroken("protocol error: " + OneLine(PQresultErrorMessage(res)));
+            PQclear(res);
             return PUMP_DONE;
         }
         if (!sink(res)) {

@@ -121,6 +121,16 @@ private:
 };
 
 std::string EncodeRequest(const Request &r);
+// The kind and timeout_ms at the head of an encoded request (false if it is too short), so
+// the backend can keep its own deadline without decoding the whole message.
+inline bool PeekRequestHeader(const char *data, size_t len, RequestKind &kind, int32_t &timeout_ms)
+{
+    if (len < 1 + sizeof(int32_t))
+        return false;
+    kind = static_cast<RequestKind>(static_cast<uint8_t>(data[0]));
+    memcpy(&timeout_ms, data + 1, sizeof(timeout_ms));
+    return true;
+}
 // Returns false if the message is malformed.
 bool DecodeRequest(const char *data, size_t len, Request &out);
 

@@ -44,6 +44,9 @@ public:
     // The caller is gone (error, cancel, exit): cancel remote work, send nothing more.
     void Abandon(TimestampTz now);
     TimestampTz NextWake() const;
+    // An error escaped while serving this request (out of memory, a failed queue operation):
+    // fail it alone, cancel its remote work, and leave the pool manager running.
+    void FailInternal(const std::string &message);
 
     // Lease callbacks (from the nodes, through the pool manager).
     bool OnGrant(int task, Node &node, Connection &conn, TimestampTz now);
@@ -61,6 +64,7 @@ private:
         bool paused = false;
         bool failed = false;
         bool copy = false; // the query started COPY: the connection must be discarded
+        bool too_big = false; // a row exceeded kMaxMessageBytes: stop and cancel the query
         std::string sqlstate, message, detail, hint;
     };
 
@@ -71,6 +75,7 @@ private:
     void Pump(int index, Node &node, Connection &conn, bool read_socket, TimestampTz now);
     bool HandleResult(int index, PGresult *res);
     void QueueEndIfDone();
+    void DropQueuedRows(int index);
     void Queue(std::string message, bool flush);
     void Flush();
     size_t outbox_bytes() const { return outbox_bytes_; }
@@ -88,6 +93,7 @@ private:
     bool abandoned_ = false;
     bool end_queued_ = false;
     bool finished_ = false;
+    bool timed_out_ = false; // deadline_ passed and was handled
     protocol::Request request_;
     std::vector<Task> tasks_;
     std::deque<std::pair<std::string, bool>> outbox_; // message, force flush
