@@ -65,6 +65,20 @@ Connection::Connection(uint64 id, const ConnOptions &options, TimestampTz now,
                        TimestampTz deadline)
     : id_(id), created_at_(now), last_used_(now), deadline_(deadline)
 {
+    BeginConnect(options);
+}
+
+Connection::Connection(uint64 id, TimestampTz now, TimestampTz deadline, ConnOptions unresolved)
+    : id_(id), created_at_(now), last_used_(now), deadline_(deadline), resolving_(true),
+      unresolved_(std::move(unresolved))
+{
+}
+
+void Connection::BeginConnect(const ConnOptions &options)
+{
+    resolving_ = false;
+    unresolved_.clear();
+    poll_calls_++; // a socket appears: the wait set must be rebuilt
     std::vector<const char *> keys;
     std::vector<const char *> values;
     for (const auto &[k, v] : options) {

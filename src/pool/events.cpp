@@ -93,7 +93,7 @@ void EventLog::Record(const std::string &node, NodeState from, NodeState to,
                           ", \"reason\": " + JsonString(std::string(e_reason)) +
                           ", \"at\": " + JsonString(FormatTimestampUtc(at)) + "}";
     // Bounded: a worker that cannot notify (e.g. a hot standby coordinator) keeps the newest.
-    if (pending_.size() >= 1000)
+    if (pending_.size() >= kMaxPendingNotifications)
         pending_.erase(pending_.begin());
     pending_.push_back(std::move(payload));
 }
@@ -119,19 +119,36 @@ void SendNotifications(const NotifyBatch &batch)
 
 } // namespace
 
-void EventLog::Flush()
+void EventLog::Flush(TimestampTz now)
 {
-    if (pending_.empty())
+    if (pending_.empty() || now < retry_at_)
         return;
     std::vector<std::string> batch;
     batch.swap(pending_);
     NotifyBatch b{&batch};
     try {
         pg::Call([&] { SendNotifications(b); });
+        if (blocked_)
+            pg::Call([&] {
+                ereport(LOG, (errmsg_internal("pg_peerpool: NOTIFY peerpool_events delivered "
+                                              "again (%zu delayed notifications sent)",
+                                              batch.size())));
+            });
+        blocked_ = false;
     } catch (const Error &e) {
+        // Keep them (oldest first, bounded) and try again in a second.
+        batch.insert(batch.end(), pending_.begin(), pending_.end());
+        if (batch.size() > kMaxPendingNotifications)
+            batch.erase(batch.begin(), batch.end() - kMaxPendingNotifications);
+        pending_.swap(batch);
+        retry_at_ = TimestampTzPlusMilliseconds(now, 1000);
+        bool first = !blocked_;
+        blocked_ = true;
         pg::Call([&] {
             AbortOutOfAnyTransaction();
-            ereport(WARNING, (errmsg_internal("pg_peerpool: could not send NOTIFY peerpool_events: %s",
+            if (first)
+                ereport(LOG, (errmsg_internal("pg_peerpool: could not send NOTIFY "
+                                              "peerpool_events, retrying every second: %s",
                                               e.message().c_str())));
         });
     }

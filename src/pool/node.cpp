@@ -80,10 +80,26 @@ Connection *Node::OpenConnection(TimestampTz now, bool for_check)
     } catch (const Error &e) {
         invalid = e.message() + (e.detail().empty() ? "" : ": " + e.detail());
     }
-    auto conn = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now,
-                                             After(now, peerpool_connect_timeout));
+    // Host names are resolved off the loop (resolver.hpp); until then the connection waits,
+    // under its connect deadline, without a socket.
+    std::string resolve_error;
+    ResolveStatus resolved = RESOLVE_READY;
+    ConnOptions unresolved = options;
+    if (invalid.empty())
+        resolved = fleet_.resolver().Resolve(options, now, resolve_error);
+    std::unique_ptr<Connection> conn;
+    TimestampTz deadline = After(now, peerpool_connect_timeout);
+    if (resolved == RESOLVE_PENDING)
+        conn = std::make_unique<Connection>(fleet_.NextConnectionId(), now, deadline,
+                                            std::move(unresolved));
+    else if (invalid.empty() && resolved == RESOLVE_READY)
+        conn = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now, deadline);
+    else
+        conn = std::make_unique<Connection>(fleet_.NextConnectionId(), now, deadline, ConnOptions());
     if (!invalid.empty())
         conn->MarkBroken(invalid);
+    else if (resolved == RESOLVE_FAILED)
+        conn->MarkBroken(resolve_error);
     Connection *raw = conn.get();
     conns_.push_back(std::move(conn));
     return raw;
@@ -599,6 +615,26 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
     }
 }
 
+void Node::OnResolved(TimestampTz now)
+{
+    for (const auto &c : conns_) {
+        if (!c->resolving() || c->state() != CONN_STATE_CONNECTING)
+            continue;
+        ConnOptions options = c->unresolved_options();
+        std::string error;
+        switch (fleet_.resolver().Resolve(options, now, error)) {
+        case RESOLVE_PENDING:
+            break;
+        case RESOLVE_FAILED:
+            c->MarkBroken(error); // handled by Manage, like any failed attempt
+            break;
+        case RESOLVE_READY:
+            c->BeginConnect(options);
+            break;
+        }
+    }
+}
+
 // ---- the state machine ---------------------------------------------------------------------
 
 void Node::MaintainPool(TimestampTz now)
@@ -638,7 +674,10 @@ void Node::Manage(TimestampTz now)
     // Connection attempts past connect_timeout.
     for (const auto &c : conns_)
         if (c->state() == CONN_STATE_CONNECTING && now >= c->deadline())
-            c->MarkBroken(Format("timeout expired after %d ms", peerpool_connect_timeout));
+            c->MarkBroken(c->resolving()
+                              ? Format("timeout expired after %d ms while resolving the host name",
+                                       peerpool_connect_timeout)
+                              : Format("timeout expired after %d ms", peerpool_connect_timeout));
     for (;;) {
         auto it = std::find_if(conns_.begin(), conns_.end(), [](const auto &c) {
             return c->state() == CONN_STATE_BROKEN && !c->query_finished();

@@ -44,6 +44,8 @@ namespace {
 constexpr long kRecheckMs = 10000;        // safety-net registry recheck
 constexpr long kRetryAfterErrorMs = 1000; // after a failed registry load
 constexpr long kMaxSleepMs = 60000;
+// The longest the loop may wait for a lock in its own transactions (see Run).
+constexpr const char *kLockTimeout = "10ms";
 
 // Set by our SIGTERM handler. We do not use die(): a graceful stop must let the loop close
 // its connections (SPEC section 7) instead of exiting from inside CHECK_FOR_INTERRUPTS.
@@ -57,16 +59,29 @@ void HandleSigterm(SIGNAL_ARGS)
     errno = save_errno;
 }
 
-// pg_cancel_backend() of the pool manager: there is no statement of ours to cancel, and the
-// default handler would raise an ERROR that ends every pool. Noted and logged, nothing more.
-volatile sig_atomic_t cancel_requested = false;
+// pg_cancel_backend() of the pool manager: there is no statement of ours to cancel, and
+// acting on it would raise an ERROR that ends every pool. SIGINT keeps PostgreSQL's handler,
+// because lock_timeout itself is delivered as SIGINT and must interrupt our own short
+// transactions; outside them the loop takes the request off the books and logs it
+// (AbsorbCancel). PostgreSQL-style code: runs inside pg::Call.
+bool cancel_requested = false;
 
-void HandleSigint(SIGNAL_ARGS)
+void AbsorbCancel()
 {
-    int save_errno = errno;
-    cancel_requested = true;
-    SetLatch(MyLatch);
-    errno = save_errno;
+    if (QueryCancelPending) {
+        QueryCancelPending = false;
+        cancel_requested = true;
+    }
+}
+
+// CHECK_FOR_INTERRUPTS for the loop: dies on SIGTERM-by-postmaster and the like, never on a
+// cancel request (held off, then absorbed).
+void CheckLoopInterrupts()
+{
+    HOLD_CANCEL_INTERRUPTS();
+    CHECK_FOR_INTERRUPTS();
+    RESUME_CANCEL_INTERRUPTS();
+    AbsorbCancel();
 }
 
 // before_shmem_exit: stop backends from setting a latch that is about to be reused.
@@ -96,6 +111,7 @@ public:
     void ReleaseConnection() override;
     uint64 NextConnectionId() override { return ++last_connection_id_; }
     EventLog &events() override { return events_; }
+    Resolver &resolver() override { return resolver_; }
     bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) override;
     void LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
                     TimestampTz now) override;
@@ -123,9 +139,11 @@ private:
     std::vector<NodeConfig> configs_;
     std::map<std::string, std::unique_ptr<Node>> nodes_;
     EventLog events_;
+    Resolver resolver_;
     uint64 loaded_generation_ = 0;
     bool first_load_ = true;
     bool extension_present_ = false;
+    bool registry_blocked_ = false; // the last load failed (logged once)
     TimestampTz next_recheck_ = 0;
     uint64 last_connection_id_ = 0;
     int total_connections_ = 0;
@@ -339,15 +357,25 @@ void PoolManager::SyncRegistryIfNeeded(TimestampTz now)
     uint64 generation = pg_atomic_read_u64(&state.registry_generation);
     if (generation == loaded_generation_ && now < next_recheck_)
         return;
+    if (registry_blocked_ && now < next_recheck_)
+        return; // the last load failed: not again before the retry time
 
     Registry registry;
     try {
         registry = LoadRegistry();
     } catch (const Error &e) {
-        Log(WARNING, Format("could not load the node registry: %s", e.message().c_str()));
+        // Typically a lock somebody holds on peerpool.node (lock_timeout): retry in a second,
+        // serving with the registry we have. Said once per episode, not once per retry.
+        if (!registry_blocked_)
+            Log(WARNING, Format("could not load the node registry, retrying every second: %s",
+                                e.message().c_str()));
+        registry_blocked_ = true;
         next_recheck_ = TimestampTzPlusMilliseconds(now, kRetryAfterErrorMs);
         return;
     }
+    if (registry_blocked_)
+        Log(LOG, "node registry loaded again");
+    registry_blocked_ = false;
     if (first_load_ || registry.extension_present != extension_present_)
         Log(LOG, registry.extension_present
                      ? Format("extension found in database \"%s\", managing its nodes",
@@ -426,12 +454,15 @@ void PoolManager::RebuildWaitSetIfNeeded()
     wait_set_ = nullptr;
     Registered *entries = registered_.data();
     size_t count = registered_.size();
+    int resolver_fd = resolver_.fd();
     wait_set_ = pg::Call([&] {
         if (old != nullptr)
             FreeWaitEventSet(old);
-        WaitEventSet *set = CreateWaitEventSet(TopMemoryContext, static_cast<int>(count) + 2);
+        WaitEventSet *set = CreateWaitEventSet(TopMemoryContext, static_cast<int>(count) + 3);
         AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, nullptr);
         AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, nullptr, nullptr);
+        if (resolver_fd >= 0)
+            AddWaitEventToSet(set, WL_SOCKET_READABLE, resolver_fd, nullptr, &resolver_);
         for (size_t i = 0; i < count; i++)
             AddWaitEventToSet(set, entries[i].events, entries[i].socket, nullptr, &entries[i]);
         return set;
@@ -451,6 +482,8 @@ long PoolManager::SleepMs(TimestampTz now) const
         if (t != 0 && t < wake)
             wake = t;
     }
+    if (events_.HasPending()) // a NOTIFY that could not be sent is retried within a second
+        wake = std::min(wake, TimestampTzPlusMilliseconds(now, 1000));
     long ms = TimestampDifferenceMilliseconds(now, wake);
     if (wake > now && ms == 0)
         ms = 1; // round sub-millisecond waits up rather than spin
@@ -460,6 +493,12 @@ long PoolManager::SleepMs(TimestampTz now) const
 void PoolManager::DispatchEvents(const WaitEvent *fired, int count, TimestampTz now)
 {
     for (int i = 0; i < count; i++) {
+        if (fired[i].user_data == &resolver_) {
+            if (resolver_.Collect(now))
+                for (auto &[name, node] : nodes_)
+                    node->OnResolved(now);
+            continue;
+        }
         if (!(fired[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE)) ||
             fired[i].user_data == nullptr)
             continue;
@@ -483,8 +522,8 @@ void PoolManager::Shutdown()
         if (requests_.empty())
             break;
         RebuildWaitSetIfNeeded();
-        if (fired_.size() < registered_.size() + 2)
-            fired_.resize(registered_.size() + 2);
+        if (fired_.size() < registered_.size() + 3)
+            fired_.resize(registered_.size() + 3);
         long timeout = std::max<long>(1, std::min<long>(SleepMs(now),
                                       TimestampDifferenceMilliseconds(now, deadline)));
         WaitEvent *events = fired_.data();
@@ -511,8 +550,8 @@ void PoolManager::Shutdown()
         if (!busy || now >= cancel_deadline)
             break;
         RebuildWaitSetIfNeeded();
-        if (fired_.size() < registered_.size() + 2)
-            fired_.resize(registered_.size() + 2);
+        if (fired_.size() < registered_.size() + 3)
+            fired_.resize(registered_.size() + 3);
         WaitEvent *events = fired_.data();
         int size = static_cast<int>(fired_.size());
         int n = pg::Call([&] {
@@ -545,6 +584,14 @@ void PoolManager::Run()
         LWLockRelease(state.lock);
         pg_atomic_write_u32(&state.worker_procno_plus1, static_cast<uint32>(MyProc->pgprocno) + 1);
     });
+    // The loop never waits on a heavyweight lock or on a synchronous standby: its only
+    // transactions (reading peerpool.node, sending NOTIFY) give up after kLockTimeout and are
+    // retried later, and their commits wait for the local WAL flush only. Set at the highest
+    // priority, so a reload of postgresql.conf cannot undo it.
+    pg::Call([] {
+        SetConfigOption("lock_timeout", kLockTimeout, PGC_SUSET, PGC_S_OVERRIDE);
+        SetConfigOption("synchronous_commit", "local", PGC_SUSET, PGC_S_OVERRIDE);
+    });
     // A (re)started pool manager owns no connections: whatever a previous one published is
     // stale. The registry is mirrored again on the first pass.
     ClearNodeSlots();
@@ -557,6 +604,7 @@ void PoolManager::Run()
     Log(LOG, Format("pool manager started (database \"%s\")", peerpool_database));
     fired_.resize(64);
     while (!shutdown_requested) {
+        AbsorbCancel(); // flag operations only: cannot error
         if (cancel_requested) {
             cancel_requested = false;
             Log(LOG, "ignoring a cancel request (SIGINT): the pool manager runs no statement of "
@@ -585,11 +633,12 @@ void PoolManager::Run()
                 ++it;
             }
         }
-        events_.Flush();
+        AbsorbCancel(); // a cancel request must not abort the NOTIFY transaction
+        events_.Flush(GetCurrentTimestamp());
 
         RebuildWaitSetIfNeeded();
-        if (fired_.size() < registered_.size() + 2)
-            fired_.resize(registered_.size() + 2);
+        if (fired_.size() < registered_.size() + 3)
+            fired_.resize(registered_.size() + 3);
         long timeout = SleepMs(GetCurrentTimestamp());
         WaitEvent *events = fired_.data();
         int size = static_cast<int>(fired_.size());
@@ -597,7 +646,7 @@ void PoolManager::Run()
             MemoryContextReset(scratch);
             int n = WaitEventSetWait(wait_set_, timeout, events, size, PG_WAIT_EXTENSION);
             ResetLatch(MyLatch);
-            CHECK_FOR_INTERRUPTS();
+            CheckLoopInterrupts();
             return n;
         });
         DispatchEvents(events, nfired, GetCurrentTimestamp());
@@ -629,7 +678,6 @@ void peerpool_pool_manager_main(Datum)
 {
     pqsignal(SIGTERM, peerpool::HandleSigterm);
     pqsignal(SIGHUP, SignalHandlerForConfigReload);
-    pqsignal(SIGINT, peerpool::HandleSigint);
     BackgroundWorkerUnblockSignals();
     BackgroundWorkerInitializeConnection(peerpool_database, nullptr, 0);
     // libpq would pass the postmaster's own client settings on to every peer session; the

@@ -47,6 +47,12 @@ public:
     // Starts connecting. On immediate failure returns a connection in CONN_STATE_BROKEN with
     // error() set. Requires an external FD slot (AcquireExternalFD) already taken by caller.
     Connection(uint64 id, const ConnOptions &options, TimestampTz now, TimestampTz deadline);
+    // A connection that waits for its host names to be resolved (CONN_STATE_CONNECTING with
+    // no libpq connection yet, see resolver.hpp); BeginConnect starts it.
+    Connection(uint64 id, TimestampTz now, TimestampTz deadline, ConnOptions unresolved);
+    void BeginConnect(const ConnOptions &options);
+    bool resolving() const { return resolving_; }
+    ConnOptions &unresolved_options() { return unresolved_; }
     ~Connection();
     Connection(const Connection &) = delete;
     Connection &operator=(const Connection &) = delete;
@@ -116,6 +122,8 @@ private:
     TimestampTz query_started_ = 0;
     std::vector<std::string> notices_;
     uint64 notices_dropped_ = 0;
+    bool resolving_ = false;
+    ConnOptions unresolved_; // while resolving_: the options before name resolution
 };
 
 // Bounds on what a peer's notices may cost us per query (memory held, lines logged).

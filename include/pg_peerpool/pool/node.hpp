@@ -21,6 +21,7 @@
 #include "pg_peerpool/pool/connection.hpp"
 #include "pg_peerpool/pool/events.hpp"
 #include "pg_peerpool/pool/node_config.hpp"
+#include "pg_peerpool/pool/resolver.hpp"
 #include "pg_peerpool/shmem.hpp"
 
 namespace peerpool {
@@ -56,6 +57,7 @@ public:
     virtual void ReleaseConnection() = 0;
     virtual uint64 NextConnectionId() = 0;
     virtual EventLog &events() = 0;
+    virtual Resolver &resolver() = 0;
 };
 
 class Node {
@@ -100,6 +102,8 @@ public:
     void Manage(TimestampTz now);
     // A socket of ours fired.
     void OnSocketReady(uint64 conn_id, TimestampTz now);
+    // Name lookups finished: connections that waited for them start (or fail).
+    void OnResolved(TimestampTz now);
     // Earliest time Manage must run again (0: nothing scheduled).
     TimestampTz NextWake() const;
 
