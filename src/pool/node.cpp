@@ -31,6 +31,19 @@ const char *kCheckSql =
 
 constexpr int kTcpUserTimeoutMs = 10000;
 constexpr double kLatencySmoothing = 0.3; // weight of the newest sample in the moving average
+// A check or a growth connection that a local limit (the fleet budget, our descriptors) or the
+// node's own connection limit refused is tried again after this long: never a busy loop.
+constexpr long kLocalLimitRetryMs = 250;
+constexpr long kGrowthRetryMs = 1000;
+
+// The server refused a new session for lack of slots (SQLSTATE 53300; libpq gives a connection
+// attempt's error as text only, so the server's English messages are matched). The node
+// answers: that is its capacity, not its health.
+bool RefusedForCapacity(const std::string &error)
+{
+    return error.find("too many clients already") != std::string::npos ||
+           error.find("remaining connection slots are reserved") != std::string::npos;
+}
 
 // Every sum of GUC milliseconds is taken in 64 bits: each GUC may be INT_MAX on its own.
 TimestampTz After(TimestampTz t, int64 ms) { return t + ms * INT64CONST(1000); }
@@ -251,8 +264,8 @@ void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
         for (uint64 id : to_close)
             CloseConnection(id, true);
         next_check_at_ = now;
-        if (state_ == NODE_STATE_RECONNECTING)
-            next_retry_at_ = now;
+        if (state_ == NODE_STATE_UNHEALTHY)
+            next_retry_at_ = now; // new settings: try them at once
     }
     // A lowered max_connections: trim idle connections above it now.
     while (static_cast<int>(conns_.size()) > config_.max_connections && CloseOldestIdle()) {
@@ -289,19 +302,16 @@ void Node::StartCheck(TimestampTz now)
         RunCheckOn(idle, now);
         return;
     }
-    if (static_cast<int>(conns_.size()) >= config_.max_connections) {
-        // Every connection is busy with callers' work and max_connections is a hard cap: the
-        // check takes the next connection that comes back, ahead of waiting callers
-        // (GrantWaiting). A node frozen under load is found once its callers' deadlines
-        // close the stuck connections and a fresh check times out.
-        check_starved_ = true;
-        return;
-    }
+    // Every connection is busy (or there is none yet): the check opens its own, one beyond
+    // max_connections if need be, closed again when the check is done (SPEC section 3: checks
+    // run on time whatever callers do).
     Connection *conn = OpenConnection(now, true);
     if (conn == nullptr) {
-        CheckFailed("no connection available (peerpool.max_total_connections reached, or the "
-                    "pool manager's file descriptor allowance is spent)",
-                    "", false, false, now);
+        // A local limit (peerpool.max_total_connections spent by running queries, or our file
+        // descriptors), not the node's failure: the check runs as soon as a connection comes
+        // back, or tries again shortly.
+        check_starved_ = true;
+        check_blocked_until_ = After(now, kLocalLimitRetryMs);
         return;
     }
     check_phase_ = CHECK_CONNECTING;
@@ -350,13 +360,13 @@ void Node::CheckFailed(const std::string &error, const std::string &sqlstate, bo
 
     switch (state_) {
     case NODE_STATE_CONNECTING:
-        // The first connection failed: nothing to serve with.
-        CloseAll();
-        Transition(NODE_STATE_UNHEALTHY, error, now);
+        // The first connection failed: nothing to serve with; rest in unhealthy until retry 1.
+        retry_attempt_ = 0;
         ScheduleRetry(error, now);
         break;
     case NODE_STATE_RECONNECTING:
-        ScheduleRetry(error, now);
+        // The attempt failed: back to unhealthy with the next, doubled delay.
+        ScheduleRetry(Format("attempt %d failed: %s", retry_attempt_, error.c_str()), now);
         break;
     case NODE_STATE_HEALTHY:
     case NODE_STATE_DEGRADED:
@@ -484,10 +494,9 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
 
 void Node::MarkUnhealthy(const std::string &reason, TimestampTz now)
 {
-    FailWaiters(ERRCODE_CONNECTION_FAILURE, "node became unhealthy: " + reason, now);
-    CloseAll(); // a node that failed its checks may hold stuck connections
+    // ScheduleRetry closes every connection (a node that failed its checks may hold stuck
+    // ones) and fails the waiting callers.
     retry_attempt_ = 0;
-    Transition(NODE_STATE_UNHEALTHY, reason, now);
     ScheduleRetry(reason, now);
 }
 
@@ -502,21 +511,20 @@ long Node::BackoffMs(int attempt) const
     return std::max<long>(1, static_cast<long>(static_cast<double>(delay) * (1.0 - jitter)));
 }
 
+// The node is down: it rests in unhealthy (SPEC section 3) with retry_attempt and
+// next_retry_at until Manage starts the next attempt (reconnecting).
 void Node::ScheduleRetry(const std::string &reason, TimestampTz now)
 {
     CloseAll();
+    FailWaiters(ERRCODE_CONNECTION_FAILURE, "node became unhealthy: " + reason, now);
     good_checks_ = 0;
-    if (!(on_request_ && state_ == NODE_STATE_RECONNECTING && retry_attempt_ > 0))
+    if (!(on_request_ && retry_attempt_ > 0))
         retry_attempt_++;
     on_request_ = false;
     long delay = BackoffMs(retry_attempt_);
     next_retry_at_ = After(now, delay);
-    if (state_ == NODE_STATE_RECONNECTING)
-        Transition(NODE_STATE_RECONNECTING,
-                   Format("retry %d in %ld ms after: %s", retry_attempt_, delay, reason.c_str()), now);
-    else
-        Transition(NODE_STATE_RECONNECTING, Format("retry %d in %ld ms", retry_attempt_, delay),
-                   now);
+    Transition(NODE_STATE_UNHEALTHY,
+               Format("%s; retry %d in %ld ms", reason.c_str(), retry_attempt_, delay), now);
 }
 
 void Node::CompleteCheckRequests(bool all)
@@ -547,10 +555,32 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
     if (state_ == NODE_STATE_DRAINING || state_ == NODE_STATE_DISCONNECTED)
         return;
     if (never_connected) {
-        // A connection attempt failed (refused, authentication, timeout): a hard failure.
+        if (Serving() && RefusedForCapacity(error)) {
+            // The node answers but has no slot for one more session (its max_connections):
+            // running queries and the state stay as they are; callers keep waiting (FIFO), a
+            // check waits for a connection of ours to come back.
+            growth_blocked_until_ = After(now, kGrowthRetryMs);
+            if (was_check) {
+                check_starved_ = true;
+                check_blocked_until_ = After(now, kGrowthRetryMs);
+            }
+            Publish();
+            return;
+        }
+        // A connection attempt failed (refused, authentication, timeout): a hard failure when
+        // it was the check's, or the node's only way to serve.
         last_sqlstate_.clear();
-        if (was_check || Serving())
+        if (was_check || (Serving() && ConnectionCount(CONN_STATE_IDLE) +
+                                               ConnectionCount(CONN_STATE_BUSY) +
+                                               ConnectionCount(CONN_STATE_CHECKING) ==
+                                           0))
             CheckFailed("could not connect: " + error, "", true, false, now);
+        else if (Serving()) {
+            // A growth connection failed while others serve: let a check decide, now.
+            growth_blocked_until_ = After(now, kGrowthRetryMs);
+            if (check_phase_ == CHECK_NONE)
+                next_check_at_ = now;
+        }
         return;
     }
     if (was_check) {
@@ -608,6 +638,9 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
             CloseConnection(conn_id, false);
         } else if (conn->recycle_requested) {
             CloseConnection(conn_id, true);
+        } else if (static_cast<int>(conns_.size()) > config_.max_connections &&
+                   waiters_.empty()) {
+            CloseConnection(conn_id, false); // the check's extra connection
         } else {
             GrantWaiting(now);
         }
@@ -744,29 +777,34 @@ void Node::Manage(TimestampTz now)
         }
         break;
     case NODE_STATE_CONNECTING:
-        if (check_phase_ == CHECK_NONE && (now >= next_check_at_ || requested))
+        if (check_phase_ == CHECK_NONE && now >= check_blocked_until_ &&
+            (now >= next_check_at_ || requested))
             StartCheck(now);
         break;
-    case NODE_STATE_RECONNECTING:
-        if (check_phase_ == CHECK_NONE) {
-            TimestampTz due = good_checks_ > 0 ? next_check_at_ : next_retry_at_;
-            if (now >= due || requested) {
-                // An attempt asked for by pool_check_health() does not advance the backoff.
-                on_request_ = now < due;
-                StartCheck(now);
-            }
+    case NODE_STATE_UNHEALTHY:
+        // Resting until the retry is due (or pool_check_health() asks): then one attempt.
+        if (check_phase_ == CHECK_NONE && now >= check_blocked_until_ &&
+            (now >= next_retry_at_ || requested)) {
+            // An attempt asked for by pool_check_health() does not advance the backoff.
+            on_request_ = now < next_retry_at_;
+            Transition(NODE_STATE_RECONNECTING, Format("attempt %d", retry_attempt_), now);
+            StartCheck(now);
         }
+        break;
+    case NODE_STATE_RECONNECTING:
+        // An attempt is in flight; after a good check, the next ones until healthy_threshold.
+        if (check_phase_ == CHECK_NONE && now >= check_blocked_until_ &&
+            (good_checks_ == 0 || now >= next_check_at_ || requested))
+            StartCheck(now);
         break;
     case NODE_STATE_HEALTHY:
     case NODE_STATE_DEGRADED:
     case NODE_STATE_TRANSITIONING:
-        if (check_phase_ == CHECK_NONE && !check_starved_ && (now >= next_check_at_ || requested))
+        if (check_phase_ == CHECK_NONE && now >= check_blocked_until_ &&
+            (now >= next_check_at_ || requested))
             StartCheck(now);
         if (Serving())
             MaintainPool(now);
-        break;
-    case NODE_STATE_UNHEALTHY:
-        ScheduleRetry(last_error_, now); // not a resting state
         break;
     case NODE_STATE_DRAINING: {
         // Idle connections close as they come back; running callers' queries may finish
@@ -816,14 +854,18 @@ TimestampTz Node::NextWake() const
     }
     if (check_phase_ != CHECK_NONE)
         consider(check_deadline_);
-    else if ((Serving() && !check_starved_) || state_ == NODE_STATE_CONNECTING)
-        consider(next_check_at_); // a starved check waits for a connection, not the clock
+    else if (Serving() || state_ == NODE_STATE_CONNECTING)
+        consider(std::max(next_check_at_, check_blocked_until_));
     else if (state_ == NODE_STATE_RECONNECTING)
-        consider(good_checks_ > 0 ? next_check_at_ : next_retry_at_);
+        consider(std::max(good_checks_ > 0 ? next_check_at_ : 0, check_blocked_until_));
+    else if (state_ == NODE_STATE_UNHEALTHY)
+        consider(std::max(next_retry_at_, check_blocked_until_));
     if (state_ == NODE_STATE_DRAINING)
         consider(drain_deadline_);
     for (const Waiter &w : waiters_)
         consider(w.deadline);
+    if (!waiters_.empty() && growth_blocked_until_ != 0)
+        consider(growth_blocked_until_); // then GrantWaiting may open connections again
     for (const auto &[id, job] : jobs_)
         consider(job.deadline);
     for (const auto &[id, lease] : leases_)
@@ -849,7 +891,7 @@ void Node::Publish() const
                   state_since_,
                   last_check_,
                   last_success_,
-                  state_ == NODE_STATE_RECONNECTING && good_checks_ == 0 ? next_retry_at_ : 0,
+                  state_ == NODE_STATE_UNHEALTHY ? next_retry_at_ : 0,
                   consecutive_failures_,
                   retry_attempt_,
                   latency_ms_,
@@ -954,7 +996,8 @@ void Node::GrantWaiting(TimestampTz now)
     }
     int connecting = ConnectionCount(CONN_STATE_CONNECTING);
     while (static_cast<int>(waiters_.size()) > connecting &&
-           static_cast<int>(conns_.size()) < config_.max_connections) {
+           static_cast<int>(conns_.size()) < config_.max_connections &&
+           now >= growth_blocked_until_) {
         Connection *conn = OpenConnection(now, true);
         if (conn == nullptr)
             break;

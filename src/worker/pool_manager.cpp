@@ -9,8 +9,10 @@
 // no trigger reports, such as DROP EXTENSION.
 #include "pg_peerpool/worker/pool_manager.hpp"
 
+#include <algorithm>
 #include <map>
 #include <memory>
+#include <set>
 
 #include "pg_peerpool/guc.hpp"
 #include "pg_peerpool/pg/guard.hpp"
@@ -144,6 +146,8 @@ private:
     bool first_load_ = true;
     bool extension_present_ = false;
     bool registry_blocked_ = false; // the last load failed (logged once)
+    bool waiting_for_slot_ = false; // registered nodes found no free slot at the last load
+    bool place_pending_ = false;    // a slot freed since: load again
     TimestampTz next_recheck_ = 0;
     uint64 last_connection_id_ = 0;
     int total_connections_ = 0;
@@ -315,6 +319,12 @@ void PoolManager::ScanRequestSlots(TimestampTz now)
             uint64 key = ++last_request_key_;
             try {
                 requests_[key] = std::make_unique<Request>(*this, i, key, now);
+                if (shutdown_requested)
+                    // Draining for shutdown: take no new work, say so at once (SPEC section 7).
+                    requests_[key]->Refuse(ERRCODE_ADMIN_SHUTDOWN,
+                                           "the pg_peerpool pool manager is shutting down",
+                                           "It takes no new calls while its running calls finish; "
+                                           "it restarts automatically unless the server is stopping.");
             } catch (const std::exception &e) {
                 // Could not even attach: free the slot; the caller sees it and fails.
                 requests_.erase(key);
@@ -355,7 +365,7 @@ void PoolManager::SyncRegistryIfNeeded(TimestampTz now)
 {
     SharedState &state = RequireShared();
     uint64 generation = pg_atomic_read_u64(&state.registry_generation);
-    if (generation == loaded_generation_ && now < next_recheck_)
+    if (generation == loaded_generation_ && now < next_recheck_ && !place_pending_)
         return;
     if (registry_blocked_ && now < next_recheck_)
         return; // the last load failed: not again before the retry time
@@ -385,6 +395,7 @@ void PoolManager::SyncRegistryIfNeeded(TimestampTz now)
                               peerpool_database));
     first_load_ = false;
     extension_present_ = registry.extension_present;
+    place_pending_ = false;
     ApplyRegistry(std::move(registry), generation, GetCurrentTimestamp());
     loaded_generation_ = generation;
     next_recheck_ = TimestampTzPlusMilliseconds(now, kRecheckMs);
@@ -405,13 +416,19 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
     MirrorRegistry(registry, generation);
 
     SharedState &state = RequireShared();
+    std::set<std::string> unplaced;
     for (const NodeConfig &n : diff.added) {
         // LWLockAcquire errors only when too many LWLocks are held (never here).
         LWLockAcquire(state.lock, LW_SHARED);
         int slot = FindNodeSlot(state, n.name.c_str());
         LWLockRelease(state.lock);
-        if (slot < 0)
-            continue; // no free slot; MirrorRegistry warned
+        if (slot < 0) {
+            // No free slot (MirrorRegistry warned), e.g. while a removed node still drains:
+            // left out of configs_ so that the next load adds it, which a finished drain
+            // triggers (place_pending_).
+            unplaced.insert(n.name);
+            continue;
+        }
         nodes_[n.name] = std::make_unique<Node>(*this, n, slot, now, loaded_generation_ == 0);
     }
     for (const NodeConfig &n : diff.changed) {
@@ -428,6 +445,13 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
         else
             FreeNodeSlot(name);
     }
+    if (!unplaced.empty())
+        registry.nodes.erase(std::remove_if(registry.nodes.begin(), registry.nodes.end(),
+                                            [&](const NodeConfig &n) {
+                                                return unplaced.count(n.name) != 0;
+                                            }),
+                             registry.nodes.end());
+    waiting_for_slot_ = !unplaced.empty();
     configs_ = std::move(registry.nodes);
 }
 
@@ -484,6 +508,8 @@ long PoolManager::SleepMs(TimestampTz now) const
     }
     if (events_.HasPending()) // a NOTIFY that could not be sent is retried within a second
         wake = std::min(wake, TimestampTzPlusMilliseconds(now, 1000));
+    if (place_pending_)
+        return 0; // load the registry again at once: a node waits for the freed slot
     long ms = TimestampDifferenceMilliseconds(now, wake);
     if (wake > now && ms == 0)
         ms = 1; // round sub-millisecond waits up rather than spin
@@ -513,13 +539,22 @@ void PoolManager::Shutdown()
 {
     // Stop taking work; let callers' queries finish until drain_timeout, then cancel the rest.
     TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), peerpool_drain_timeout);
-    while (!requests_.empty() && GetCurrentTimestamp() < deadline) {
+    // Calls that arrive from now on are refused (ScanRequestSlots); the drain waits only for
+    // the calls accepted before, and ends as soon as they have.
+    auto in_flight = [&] {
+        for (const auto &[key, request] : requests_)
+            if (!request->refused())
+                return true;
+        return false;
+    };
+    TimestampTz drain_started = GetCurrentTimestamp();
+    while (in_flight() && GetCurrentTimestamp() < deadline) {
         TimestampTz now = GetCurrentTimestamp();
         ScanRequestSlots(now); // callers cancelled meanwhile get their queries cancelled
         for (auto &[name, node] : nodes_)
             node->Manage(now);
         StepRequests(now);
-        if (requests_.empty())
+        if (!in_flight())
             break;
         RebuildWaitSetIfNeeded();
         if (fired_.size() < registered_.size() + 3)
@@ -536,6 +571,10 @@ void PoolManager::Shutdown()
         DispatchEvents(events, n, GetCurrentTimestamp());
     }
     TimestampTz now = GetCurrentTimestamp();
+    Log(LOG, Format("pool manager draining for shutdown took %.0f ms",
+                    static_cast<double>(now - drain_started) / 1000.0));
+    ScanRequestSlots(now); // refusals for the last arrivals
+    StepRequests(now);     // and out they go
     for (auto &[key, request] : requests_)
         request->Abandon(now); // cancels remote queries still running
     requests_.clear();
@@ -629,6 +668,8 @@ void PoolManager::Run()
                 it = nodes_.erase(it);
                 FreeNodeSlot(name);
                 Log(LOG, Format("node \"%s\" drained and removed", name.c_str()));
+                if (waiting_for_slot_)
+                    place_pending_ = true; // a node registered meanwhile can start now
             } else {
                 ++it;
             }

@@ -489,6 +489,18 @@ void Request::DropQueuedRows(int index)
     }
 }
 
+void Request::Refuse(int sqlerrcode, const std::string &message, const std::string &hint)
+{
+    refused_ = true;
+    protocol::Writer w('X');
+    w.Str(SqlState(sqlerrcode)).Str(message).Str("").Str(hint);
+    Queue(std::move(w.buffer()), true);
+    Queue(std::string(1, 'E'), true);
+    launched_ = true;
+    end_queued_ = true;
+    Flush();
+}
+
 void Request::FailInternal(const std::string &message)
 {
     if (finished_)

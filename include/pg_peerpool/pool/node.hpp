@@ -2,10 +2,11 @@
 //
 // States (NodeState) and why a node moves between them:
 //   disconnected --enabled--> connecting --first good check--> healthy | degraded
-//   connecting --connect/check failed--> unhealthy --> reconnecting (backoff 1 s, 2 s, 4 s ... cap)
+//   connecting --connect/check failed--> unhealthy (rests there until the retry is due)
 //   healthy/degraded/transitioning --hard connection failure, or unhealthy_threshold
-//       consecutive failed checks--> unhealthy --> reconnecting
-//   reconnecting --attempt failed--> reconnecting (next retry, doubled delay)
+//       consecutive failed checks--> unhealthy
+//   unhealthy --retry due (backoff 1 s, 2 s, 4 s ... cap), or pool_check_health()--> reconnecting
+//   reconnecting --attempt failed--> unhealthy (next retry, doubled delay)
 //   reconnecting --healthy_threshold good checks--> healthy | degraded
 //   healthy <--> degraded (smoothed latency / replay lag against the degraded thresholds)
 //   healthy/degraded --detected role changed--> transitioning --next check confirms--> healthy
@@ -247,7 +248,9 @@ private:
     // Connections whose cancelled query ended before the cancel was delivered: held out of the
     // pool until the cancel has run, so it cannot hit the next caller's query. conn id -> pid.
     std::map<uint64, int> held_for_cancel_;
-    bool check_starved_ = false; // a check is due but every connection is busy
+    bool check_starved_ = false; // a check is due but a local limit left it no connection
+    TimestampTz check_blocked_until_ = 0; // ... so no new check before this
+    TimestampTz growth_blocked_until_ = 0; // a growth connection was refused: not before this
 };
 
 } // namespace peerpool

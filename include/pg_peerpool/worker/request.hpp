@@ -47,6 +47,9 @@ public:
     // An error escaped while serving this request (out of memory, a failed queue operation):
     // fail it alone, cancel its remote work, and leave the pool manager running.
     void FailInternal(const std::string &message);
+    // Answers with an error without reading or running the request (shutdown drain).
+    void Refuse(int sqlerrcode, const std::string &message, const std::string &hint);
+    bool refused() const { return refused_; }
 
     // Lease callbacks (from the nodes, through the pool manager).
     bool OnGrant(int task, Node &node, Connection &conn, TimestampTz now);
@@ -94,6 +97,7 @@ private:
     bool end_queued_ = false;
     bool finished_ = false;
     bool timed_out_ = false; // deadline_ passed and was handled
+    bool refused_ = false;
     protocol::Request request_;
     std::vector<Task> tasks_;
     std::deque<std::pair<std::string, bool>> outbox_; // message, force flush
