@@ -83,7 +83,7 @@ is_deeply([ map { "$_->{from}->$_->{to}" } node_notes() ],
 	'notifications for the registration: disconnected -> connecting -> healthy');
 
 # ---------------------------------------------------------------------------------------
-# A peer stopped: healthy -> unhealthy -> reconnecting (with retries); started again:
+# A peer stopped: healthy -> unhealthy, then reconnecting -> unhealthy per failed retry; started again:
 # healthy; removed: draining.
 
 my $n_before = scalar node_notes();
@@ -93,8 +93,8 @@ $elapsed = collect(sub { seen_to('reconnecting', $n_before) }, 15);
 ok(defined $elapsed, "notification: $name reconnecting after the stop");
 note sprintf('reconnecting notification received %.1f ms after the stop', 1000 * ($elapsed // 0));
 
-# Let at least one retry fail, so that reconnecting -> reconnecting is covered too.
-collect(sub { grep { $_->{from} eq 'reconnecting' && $_->{to} eq 'reconnecting' } node_notes() }, 10);
+# Let at least one retry fail, so that reconnecting -> unhealthy is covered too.
+collect(sub { grep { $_->{from} eq 'reconnecting' && $_->{to} eq 'unhealthy' } node_notes() }, 10);
 $peer->start;
 my $n_mid = scalar node_notes();
 $elapsed = collect(sub { seen_to('healthy', $n_mid) }, 15);
@@ -132,7 +132,7 @@ my @trans = map { "$_->{from}->$_->{to}" } @n;
 note "notified transitions: @trans";
 ok((grep { $_ eq 'healthy->unhealthy' } @trans), 'notified healthy -> unhealthy');
 ok((grep { $_ eq 'unhealthy->reconnecting' } @trans), 'notified unhealthy -> reconnecting');
-ok((grep { $_ eq 'reconnecting->reconnecting' } @trans), 'notified reconnecting -> reconnecting (a failed retry)');
+ok((grep { $_ eq 'reconnecting->unhealthy' } @trans), 'notified reconnecting -> unhealthy (a failed retry)');
 is($trans[-1], 'healthy->draining', 'the last notification is healthy -> draining');
 
 # The story is consistent: each transition starts where the previous one ended, time moves

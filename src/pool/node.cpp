@@ -356,7 +356,6 @@ void Node::CheckFailed(const std::string &error, const std::string &sqlstate, bo
     last_sqlstate_ = sqlstate;
     consecutive_failures_++;
     good_checks_ = 0;
-    CompleteCheckRequests(false);
 
     switch (state_) {
     case NODE_STATE_CONNECTING:
@@ -389,6 +388,8 @@ void Node::CheckFailed(const std::string &error, const std::string &sqlstate, bo
         Publish();
         break;
     }
+    // Last: a pool_check_health() caller reads node_health as soon as it wakes.
+    CompleteCheckRequests(false);
 }
 
 void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, TimestampTz now)
