@@ -84,6 +84,8 @@ void Node::Transition(NodeState to, const std::string &reason, TimestampTz now)
 Connection *Node::OpenConnection(TimestampTz now, bool for_check)
 {
     bool evict = for_check; // demand may evict another node's idle connection; upkeep may not
+    if (!fleet_.MayStartConnecting())
+        return nullptr; // a local limit: tried again shortly (kLocalLimitRetryMs)
     if (!fleet_.ReserveConnection(this, evict))
         return nullptr;
     ConnOptions options;
@@ -114,8 +116,20 @@ Connection *Node::OpenConnection(TimestampTz now, bool for_check)
     else if (resolved == RESOLVE_FAILED)
         conn->MarkBroken(resolve_error);
     Connection *raw = conn.get();
+    if (raw->state() == CONN_STATE_CONNECTING) {
+        raw->counted_connecting = true;
+        fleet_.ConnectingChanged(1);
+    }
     conns_.push_back(std::move(conn));
     return raw;
+}
+
+void Node::SettleConnecting(Connection *conn)
+{
+    if (conn->counted_connecting && conn->state() != CONN_STATE_CONNECTING) {
+        conn->counted_connecting = false;
+        fleet_.ConnectingChanged(-1);
+    }
 }
 
 void Node::CloseConnection(uint64 id, bool recycled)
@@ -131,6 +145,10 @@ void Node::CloseConnection(uint64 id, bool recycled)
     }
     if (check_phase_ != CHECK_NONE && check_conn_ == id)
         check_phase_ = CHECK_NONE;
+    if ((*it)->counted_connecting) {
+        (*it)->counted_connecting = false;
+        fleet_.ConnectingChanged(-1);
+    }
     std::string error = (*it)->error();
     // A cancel that may or may not have reached its target: the connection it was aimed at
     // cannot safely serve anyone any more.
@@ -609,6 +627,7 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
     }
     ConnState before = conn->state();
     bool changed = conn->OnSocketReady();
+    SettleConnecting(conn);
     LogNotices(conn);
     if (!changed)
         return;

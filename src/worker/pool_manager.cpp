@@ -14,6 +14,8 @@
 #include <memory>
 #include <set>
 
+#include <sys/resource.h>
+
 #include "pg_peerpool/guc.hpp"
 #include "pg_peerpool/pg/guard.hpp"
 #include "pg_peerpool/pool/events.hpp"
@@ -46,6 +48,8 @@ namespace {
 constexpr long kRecheckMs = 10000;        // safety-net registry recheck
 constexpr long kRetryAfterErrorMs = 1000; // after a failed registry load
 constexpr long kMaxSleepMs = 60000;
+constexpr rlim_t kMaxDescriptors = 65536; // how far we raise our soft RLIMIT_NOFILE at most
+constexpr int kMaxConnecting = 64;         // connection attempts in flight, fleet-wide
 // The longest the loop may wait for a lock in its own transactions (see Run).
 constexpr const char *kLockTimeout = "10ms";
 
@@ -111,9 +115,12 @@ public:
     // Fleet
     bool ReserveConnection(const Node *requester, bool evict) override;
     void ReleaseConnection() override;
+    void RaiseDescriptorLimit();
     uint64 NextConnectionId() override { return ++last_connection_id_; }
     EventLog &events() override { return events_; }
     Resolver &resolver() override { return resolver_; }
+    bool MayStartConnecting() const override { return connecting_ < kMaxConnecting; }
+    void ConnectingChanged(int delta) override { connecting_ += delta; }
     bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) override;
     void LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
                     TimestampTz now) override;
@@ -127,6 +134,8 @@ public:
     uint64 &RoundRobin() override { return round_robin_; }
 
 private:
+    bool TakeDescriptor();
+    void GiveDescriptor();
     Request *FindRequest(uint64 key);
     template <typename F> auto Guarded(Request *r, F &&step) -> decltype(step());
     void ScanRequestSlots(TimestampTz now);
@@ -151,6 +160,13 @@ private:
     TimestampTz next_recheck_ = 0;
     uint64 last_connection_id_ = 0;
     int total_connections_ = 0;
+    int connecting_ = 0; // connection attempts in flight (MayStartConnecting)
+    // Descriptors for connections: from fd.c's external allowance, and from our own headroom.
+    int fds_external_ = 0;
+    int fds_extra_ = 0;
+    int fds_headroom_ = 0;
+    rlim_t fds_limit_ = 0;
+    TimestampTz fd_warning_at_ = 0;
 
     // Callers' requests, by key; and which slot each came from.
     std::map<uint64, std::unique_ptr<Request>> requests_;
@@ -182,16 +198,55 @@ PoolManager::~PoolManager()
         FreeWaitEventSet(wait_set_); // only frees memory
 }
 
+// One descriptor for a new connection: first from PostgreSQL's allowance for external
+// descriptors (a third of max_safe_fds), then from the headroom we gained by raising our own
+// soft RLIMIT_NOFILE (RaiseDescriptorLimit), which fd.c never uses.
+bool PoolManager::TakeDescriptor()
+{
+    if (AcquireExternalFD()) {
+        fds_external_++;
+        return true;
+    }
+    if (fds_extra_ < fds_headroom_) {
+        fds_extra_++;
+        return true;
+    }
+    return false;
+}
+
+void PoolManager::GiveDescriptor()
+{
+    if (fds_extra_ > 0)
+        fds_extra_--;
+    else if (fds_external_ > 0) {
+        fds_external_--;
+        ReleaseExternalFD();
+    }
+}
+
 bool PoolManager::ReserveConnection(const Node *requester, bool evict)
 {
-    // Each libpq socket counts against the process's file descriptor allowance; take it first
-    // so a refusal never costs another node its connection.
-    if (!AcquireExternalFD())
+    // Each libpq socket counts against the process's file descriptors; take it first so a
+    // refusal never costs another node its connection.
+    if (!TakeDescriptor()) {
+        TimestampTz now = GetCurrentTimestamp();
+        if (now >= fd_warning_at_) {
+            // A local limit, not the node: said plainly, at most once a minute.
+            fd_warning_at_ = TimestampTzPlusMilliseconds(now, 60000);
+            Log(WARNING, Format("no file descriptor left for another connection (node \"%s\"): "
+                                "%d in use; the pool manager's limit is RLIMIT_NOFILE %llu "
+                                "(raise the hard limit, e.g. LimitNOFILE in the service unit) "
+                                "and max_files_per_process; the node is not at fault",
+                                requester ? requester->name().c_str() : "?",
+                                fds_external_ + fds_extra_,
+                                static_cast<unsigned long long>(fds_limit_)));
+        }
         return false;
+    }
     if (peerpool_max_total_connections > 0 &&
         total_connections_ >= peerpool_max_total_connections) {
         if (!evict) {
-            ReleaseExternalFD();
+            GiveDescriptor();
             return false;
         }
         // The budget is spent: close the least recently used idle connection of any node.
@@ -206,7 +261,7 @@ bool PoolManager::ReserveConnection(const Node *requester, bool evict)
             }
         }
         if (victim == nullptr || !victim->CloseOldestIdle()) {
-            ReleaseExternalFD();
+            GiveDescriptor();
             return false;
         }
     }
@@ -217,7 +272,35 @@ bool PoolManager::ReserveConnection(const Node *requester, bool evict)
 void PoolManager::ReleaseConnection()
 {
     total_connections_--;
-    ReleaseExternalFD();
+    GiveDescriptor();
+}
+
+// A stock Debian postmaster runs with a soft limit of 1024 descriptors, of which PostgreSQL
+// lets us take about 330: far fewer than 1,000 nodes need (SPEC section 7). Raise our own soft
+// limit as far as the hard limit allows; what we gain is ours alone.
+void PoolManager::RaiseDescriptorLimit()
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    rlim_t old = rl.rlim_cur;
+    rlim_t want = rl.rlim_max == RLIM_INFINITY ? kMaxDescriptors
+                                               : std::min<rlim_t>(rl.rlim_max, kMaxDescriptors);
+    if (want > old) {
+        rl.rlim_cur = want;
+        if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+            fds_headroom_ = static_cast<int>(want - old);
+    }
+    getrlimit(RLIMIT_NOFILE, &rl);
+    fds_limit_ = rl.rlim_cur;
+    Log(LOG, Format("descriptor limit %llu (was %llu, hard limit %s): room for about %d "
+                    "connections",
+                    static_cast<unsigned long long>(rl.rlim_cur),
+                    static_cast<unsigned long long>(old),
+                    rl.rlim_max == RLIM_INFINITY
+                        ? "unlimited"
+                        : std::to_string(static_cast<unsigned long long>(rl.rlim_max)).c_str(),
+                    fds_headroom_ + max_safe_fds / 3));
 }
 
 Node *PoolManager::FindNode(const std::string &name)
@@ -641,6 +724,7 @@ void PoolManager::Run()
     });
 
     Log(LOG, Format("pool manager started (database \"%s\")", peerpool_database));
+    RaiseDescriptorLimit();
     fired_.resize(64);
     while (!shutdown_requested) {
         AbsorbCancel(); // flag operations only: cannot error

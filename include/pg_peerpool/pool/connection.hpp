@@ -96,6 +96,7 @@ public:
     TimestampTz query_started() const { return query_started_; }
     bool ever_connected() const { return connected_at_ != 0; }
     bool recycle_requested = false; // close at the next return to the pool
+    bool counted_connecting = false; // counted in the fleet's attempts in flight
 
     // Notices the server sent; drained by the owner into the server log.
     std::vector<std::string> TakeNotices();

@@ -59,6 +59,10 @@ public:
     virtual uint64 NextConnectionId() = 0;
     virtual EventLog &events() = 0;
     virtual Resolver &resolver() = 0;
+    // Connection attempts in flight across the fleet are capped (kMaxConnecting), so that
+    // 1,000 nodes starting together do not storm their peers into timeouts.
+    virtual bool MayStartConnecting() const = 0;
+    virtual void ConnectingChanged(int delta) = 0;
 };
 
 class Node {
@@ -164,6 +168,7 @@ private:
     void Transition(NodeState to, const std::string &reason, TimestampTz now);
     Connection *OpenConnection(TimestampTz now, bool for_check);
     void CloseConnection(uint64 id, bool recycled);
+    void SettleConnecting(Connection *conn);
     Connection *FindConnection(uint64 id) const;
     Connection *IdleConnection() const;
     int ConnectionCount(ConnState state) const;
