@@ -28,13 +28,15 @@ SRCS = src/pg_peerpool.cpp \
        src/worker/pool_manager.cpp \
        src/worker/registry_sync.cpp \
        src/worker/request.cpp \
+       src/worker/heartbeat.cpp \
        src/sql/install.cpp \
        src/sql/registry.cpp \
        src/sql/health.cpp \
        src/sql/stats.cpp \
        src/sql/channel.cpp \
        src/sql/query.cpp \
-       src/sql/selftest.cpp
+       src/sql/selftest.cpp \
+       src/sql/pool_manager_status.cpp
 OBJS = $(SRCS:.cpp=.o)
 
 REGRESS = install registry pool query boundary privileges

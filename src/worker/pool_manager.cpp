@@ -17,6 +17,7 @@
 #include "pg_peerpool/pool/events.hpp"
 #include "pg_peerpool/pool/node.hpp"
 #include "pg_peerpool/shmem.hpp"
+#include "pg_peerpool/worker/heartbeat.hpp"
 #include "pg_peerpool/worker/registry_sync.hpp"
 #include "pg_peerpool/worker/request.hpp"
 
@@ -540,6 +541,7 @@ void PoolManager::Run()
         if (fired_.size() < registered_.size() + 2)
             fired_.resize(registered_.size() + 2);
         long timeout = SleepMs(GetCurrentTimestamp());
+        timeout = PublishHeartbeat(timeout); // for the views: at least one wake a second
         WaitEvent *events = fired_.data();
         int size = static_cast<int>(fired_.size());
         int nfired = pg::Call([&] {
