@@ -88,6 +88,18 @@ override with_llvm = no
 
 include $(PGXS)
 
+# CXXFLAGS come from pg_config, i.e. from the compiler PostgreSQL was built with (gcc on
+# Debian). clang rejects gcc's `-Wimplicit-fallthrough=N` spelling and would fail -Werror on
+# it, so with clang (`make CXX=clang++`) it becomes clang's `-Wimplicit-fallthrough`, and
+# options clang does not know are dropped.
+CXX_IS_CLANG := $(shell $(CXX) --version 2>/dev/null | grep -q clang && echo yes)
+ifeq ($(CXX_IS_CLANG),yes)
+GCC_ONLY_CXXFLAGS = -Wformat-truncation% -Wno-format-truncation -Wstringop-truncation% \
+                    -Wno-stringop-truncation -fexcess-precision=%
+override CXXFLAGS := $(patsubst -Wimplicit-fallthrough=%,-Wimplicit-fallthrough,\
+                     $(filter-out $(GCC_ONLY_CXXFLAGS),$(CXXFLAGS)))
+endif
+
 # PostgreSQL's headers are system headers for us, so their warnings do not fail -Werror.
 override CPPFLAGS := -I$(srcdir)/include -isystem $(includedir_server) \
                      -isystem $(includedir_internal) -isystem $(libpq_srcdir) \

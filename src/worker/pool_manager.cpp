@@ -50,7 +50,7 @@ constexpr long kMaxSleepMs = 60000;
 // its connections (SPEC section 7) instead of exiting from inside CHECK_FOR_INTERRUPTS.
 volatile sig_atomic_t shutdown_requested = false;
 
-void HandleSigterm(SIGNAL_ARGS)
+void HandleSigterm([[maybe_unused]] SIGNAL_ARGS)
 {
     int save_errno = errno;
     shutdown_requested = true;
