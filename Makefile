@@ -5,6 +5,8 @@
 #   make test         install missing dependencies, build, install, run every test
 #   make demo         same bootstrap, then a throwaway local fleet on loopback
 #   make SANITIZE=1   ASan + UBSan build (scripts/sanitize_check.sh runs the regression suite on it)
+#   make CXX=clang++  build with clang instead of g++ (docs/compatibility.md)
+#   make format-check .clang-format / .editorconfig check (scripts/format_check.sh)
 #
 # `test` and `demo` work before the server headers exist: they live outside the PGXS include.
 
@@ -53,7 +55,7 @@ PG_CONFIG ?= pg_config
 endif
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 
-.PHONY: test demo bench deps sanitize-check installcheck-sanitize
+.PHONY: test demo bench deps sanitize-check installcheck-sanitize format-check
 
 test:
 	bash scripts/test.sh
@@ -69,6 +71,9 @@ deps:
 
 sanitize-check:
 	bash scripts/sanitize_check.sh
+
+format-check:
+	bash scripts/format_check.sh
 
 ifneq ($(wildcard $(PGXS)),)
 

@@ -81,8 +81,9 @@ PoolManagerInfo ReadPoolManager(SharedState &shared)
     info.heartbeat = copy.heartbeat;
     info.restarts = copy.starts > 0 ? static_cast<int>(copy.starts) - 1 : 0;
     TimestampTz now = GetCurrentTimestamp();
-    info.heartbeat_age_ms =
-        copy.heartbeat == 0 ? -1 : static_cast<double>(now - copy.heartbeat) / 1000.0;
+    info.heartbeat_age_ms = copy.heartbeat == 0
+                                ? -1
+                                : static_cast<double>(now - copy.heartbeat) / 1000.0;
     // A pool manager that died without its exit callback (it cannot, short of a crash, which
     // rebuilds shared memory) is recognised by its pid: kill(pid, 0) fails with ESRCH.
     if (copy.pid == 0 || (kill(copy.pid, 0) != 0 && errno == ESRCH)) {

@@ -15,7 +15,7 @@ extern "C" {
 #error "pg_peerpool needs PostgreSQL 15 or later (see docs/compatibility.md)"
 #endif
 #if PG_VERSION_NUM >= 170000
-#error "pg_peerpool does not build on PostgreSQL 17 yet: MyProc->pgprocno and CreateWaitEventSet() changed (see docs/compatibility.md)"
+#error "pg_peerpool does not build on PostgreSQL 17 yet (see docs/compatibility.md)"
 #endif
 
 // printf format checking for our own variadic functions. PostgreSQL's pg_attribute_printf

@@ -25,12 +25,12 @@ enum class PoolManagerState {
 
 struct PoolManagerInfo {
     PoolManagerState state;
-    int pid;                // 0 unless a pool manager process exists
-    TimestampTz started_at; // 0 = never started
-    TimestampTz stopped_at; // 0 = never stopped
-    TimestampTz heartbeat;  // 0 = never
+    int pid;                 // 0 unless a pool manager process exists
+    TimestampTz started_at;  // 0 = never started
+    TimestampTz stopped_at;  // 0 = never stopped
+    TimestampTz heartbeat;   // 0 = never
     double heartbeat_age_ms; // < 0 = no heartbeat
-    int restarts;           // starts - 1, since shared memory was made
+    int restarts;            // starts - 1, since shared memory was made
 };
 
 // A consistent reading of SharedState::manager, for the views. Never errors.
