@@ -22,8 +22,10 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use PeerpoolFleet;
 
+# Generous latency thresholds: a busy test machine must not make the peer degraded.
 my $conf = "peerpool.health_check_interval = '200ms'\n"
-  . "peerpool.reconnect_backoff_initial = '100ms'";
+  . "peerpool.reconnect_backoff_initial = '100ms'\n"
+  . "peerpool.degraded_latency = '4s'";
 my $old = PeerpoolFleet::coordinator('upgraded', conf => $conf, no_extension => 1);
 my $fresh = PeerpoolFleet::coordinator('fresh', conf => $conf);
 my ($peer) = PeerpoolFleet::peers(1);

@@ -18,7 +18,8 @@ my @frozen;
 END { PeerpoolFleet::thaw(@frozen) if @frozen; }
 
 my $coord = PeerpoolFleet::coordinator('coord',
-	conf => "peerpool.health_check_interval = '200ms'");
+	conf => "peerpool.health_check_interval = '200ms'\n"
+	  . "peerpool.degraded_latency = '4s'");    # a busy machine must not degrade the peer
 my ($peer) = PeerpoolFleet::peers(1);
 
 my $manager_sql =
