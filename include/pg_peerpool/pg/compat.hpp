@@ -1,7 +1,7 @@
 // PostgreSQL version and compiler differences, in one place: every PG_VERSION_NUM check of the
 // tree is here (docs/compatibility.md).
 //
-// Supported: PostgreSQL 15 (tested), 16 (expected to build, untested: no headers here).
+// Supported: PostgreSQL 15 (tested); 16 is not known to break (untested: no headers here).
 // Older releases lack APIs the code uses unconditionally (shmem_request_hook,
 // InitMaterializedSRF, MarkGUCPrefixReserved); 17 changed two that it uses (listed in
 // docs/compatibility.md). Both stop here with a clear message rather than deep in the build.
