@@ -5,6 +5,8 @@
 #   make test         install missing dependencies, build, install, run every test
 #   make demo         same bootstrap, then a throwaway local fleet on loopback
 #   make SANITIZE=1   ASan + UBSan build (scripts/sanitize_check.sh runs the regression suite on it)
+#   make CXX=clang++  build with clang instead of g++ (docs/compatibility.md)
+#   make format-check .clang-format / .editorconfig check (scripts/format_check.sh)
 #
 # `test` and `demo` work before the server headers exist: they live outside the PGXS include.
 
@@ -29,13 +31,15 @@ SRCS = src/pg_peerpool.cpp \
        src/worker/pool_manager.cpp \
        src/worker/registry_sync.cpp \
        src/worker/request.cpp \
+       src/worker/heartbeat.cpp \
        src/sql/install.cpp \
        src/sql/registry.cpp \
        src/sql/health.cpp \
        src/sql/stats.cpp \
        src/sql/channel.cpp \
        src/sql/query.cpp \
-       src/sql/selftest.cpp
+       src/sql/selftest.cpp \
+       src/sql/pool_manager_status.cpp
 OBJS = $(SRCS:.cpp=.o)
 
 REGRESS = install registry pool query boundary privileges
@@ -52,7 +56,7 @@ PG_CONFIG ?= pg_config
 endif
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 
-.PHONY: test demo bench deps sanitize-check installcheck-sanitize
+.PHONY: test demo bench deps sanitize-check installcheck-sanitize format-check
 
 test:
 	bash scripts/test.sh
@@ -68,6 +72,9 @@ deps:
 
 sanitize-check:
 	bash scripts/sanitize_check.sh
+
+format-check:
+	bash scripts/format_check.sh
 
 ifneq ($(wildcard $(PGXS)),)
 
@@ -86,6 +93,18 @@ endif
 override with_llvm = no
 
 include $(PGXS)
+
+# CXXFLAGS come from pg_config, i.e. from the compiler PostgreSQL was built with (gcc on
+# Debian). clang rejects gcc's `-Wimplicit-fallthrough=N` spelling and would fail -Werror on
+# it, so with clang (`make CXX=clang++`) it becomes clang's `-Wimplicit-fallthrough`, and
+# options clang does not know are dropped.
+CXX_IS_CLANG := $(shell $(CXX) --version 2>/dev/null | grep -q clang && echo yes)
+ifeq ($(CXX_IS_CLANG),yes)
+GCC_ONLY_CXXFLAGS = -Wformat-truncation% -Wno-format-truncation -Wstringop-truncation% \
+                    -Wno-stringop-truncation -fexcess-precision=%
+override CXXFLAGS := $(patsubst -Wimplicit-fallthrough=%,-Wimplicit-fallthrough,\
+                     $(filter-out $(GCC_ONLY_CXXFLAGS),$(CXXFLAGS)))
+endif
 
 # PostgreSQL's headers are system headers for us, so their warnings do not fail -Werror.
 override CPPFLAGS := -I$(srcdir)/include -isystem $(includedir_server) \

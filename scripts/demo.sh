@@ -84,6 +84,8 @@ echo "== peerpool.pool_stats"
 psql_c -c "SELECT node_name, state, total, active, idle, created, closed FROM peerpool.pool_stats ORDER BY node_name"
 echo "== the pool manager, and its sessions on peer1"
 psql_c -c "SELECT pid, backend_type, datname FROM pg_stat_activity WHERE backend_type = 'pg_peerpool pool manager'"
+echo "== peerpool.pool_manager (is anybody checking? node_health.stale says so on every row)"
+psql_c -c "SELECT pid, state, started_at, round(heartbeat_age_ms::numeric) AS heartbeat_age_ms, restarts FROM peerpool.pool_manager"
 as_test_user "$PG_BINDIR/psql" -X -q -h 127.0.0.1 -p "$PEER1_PORT" -d postgres \
     -c "SELECT pid, application_name, state FROM pg_stat_activity WHERE application_name = 'pg_peerpool'"
 

@@ -2,7 +2,9 @@
 # PG_CONFIG may point at another PostgreSQL 15 installation (for example a private copy, so
 # several checkouts can install and test side by side); the default is Debian's.
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
-PG_BINDIR=$(dirname "$PG_CONFIG")
+# The binaries pg_config names (Debian's /usr/bin/pg_config is a wrapper outside bindir); its
+# directory when pg_config is not installed yet (scripts/deps.sh installs it).
+PG_BINDIR=$("$PG_CONFIG" --bindir 2>/dev/null || dirname "$PG_CONFIG")
 export PG_CONFIG
 
 # Runs a command as root (directly, or through sudo for a normal user).

@@ -118,8 +118,30 @@ LANGUAGE C
 VOLATILE
 AS 'MODULE_PATHNAME', 'peerpool_node_health';
 
+-- Is anybody checking? The pool manager's liveness: it writes a heartbeat at every wake of its
+-- loop (at least once a second). state is 'running', 'not responding' (heartbeat older than
+-- 5 s: hung, stopped by a signal, or shutting down) or 'stopped' (terminated, restarting).
+CREATE FUNCTION peerpool._pool_manager(
+    OUT pid              integer,
+    OUT state            text,
+    OUT started_at       timestamptz,
+    OUT last_heartbeat   timestamptz,
+    OUT heartbeat_age_ms double precision,
+    OUT restarts         integer,
+    OUT stopped_at       timestamptz)
+RETURNS record
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'peerpool_pool_manager';
+
+CREATE VIEW peerpool.pool_manager AS
+SELECT * FROM peerpool._pool_manager();
+
+-- stale: the rows are what the pool manager last published, and no running pool manager is
+-- confirming them (state and last_check are then not current).
 CREATE VIEW peerpool.node_health AS
-SELECT * FROM peerpool._node_health();
+SELECT h.*, m.state <> 'running' AS stale
+  FROM peerpool._node_health() h CROSS JOIN peerpool._pool_manager() m;
 
 -- Pool statistics (atomics in shared memory: reading never waits for the pool manager).
 CREATE FUNCTION peerpool.pool_stats(
@@ -220,3 +242,5 @@ GRANT SELECT ON peerpool.nodes, peerpool.node_health, peerpool.pool_stats, peerp
 GRANT EXECUTE ON FUNCTION peerpool._mask_conninfo(text), peerpool._node_health(),
                           peerpool.pool_stats(), peerpool._events()
    TO pg_monitor;
+GRANT SELECT ON peerpool.pool_manager TO pg_monitor;
+GRANT EXECUTE ON FUNCTION peerpool._pool_manager() TO pg_monitor;

@@ -121,11 +121,7 @@ void DefineGucs()
                             "Cap on connections across all nodes (0: only per-node caps).",
                             nullptr, &peerpool_max_total_connections, 0, 0, 100000,
                             PGC_POSTMASTER, 0, nullptr, nullptr, nullptr);
-#if PG_VERSION_NUM >= 150000
     MarkGUCPrefixReserved("peerpool");
-#else
-    EmitWarningsOnPlaceholders("peerpool");
-#endif
 }
 
 } // namespace peerpool

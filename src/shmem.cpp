@@ -13,17 +13,13 @@ extern "C" {
 #include "storage/proc.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
-#include "postmaster/autovacuum.h"
-#include "replication/walsender.h"
 }
 
 namespace peerpool {
 
 static SharedState *shared = nullptr;
 static shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
-#if PG_VERSION_NUM >= 150000
 static shmem_request_hook_type prev_shmem_request_hook = nullptr;
-#endif
 
 static const char *kTrancheName = "pg_peerpool";
 static char *request_slots = nullptr;
@@ -34,16 +30,9 @@ static Size RequestSlotStride()
     return MAXALIGN(sizeof(RequestSlot)) + kRequestQueueSize + kResponseQueueSize;
 }
 
-// Backends and background workers have PGPROC numbers below MaxBackends, which PostgreSQL 15
-// computes before shmem_request_hook; older releases request space in _PG_init, before it.
-static int RequestSlotCount()
-{
-#if PG_VERSION_NUM >= 150000
-    return MaxBackends;
-#else
-    return MaxConnections + autovacuum_max_workers + 1 + max_worker_processes + max_wal_senders;
-#endif
-}
+// Backends and background workers have PGPROC numbers below MaxBackends, which is computed
+// before shmem_request_hook runs.
+static int RequestSlotCount() { return MaxBackends; }
 
 static Size RequestSlotsSize()
 {
@@ -63,14 +52,12 @@ static void RequestShmem()
     RequestNamedLWLockTranche(kTrancheName, 1);
 }
 
-#if PG_VERSION_NUM >= 150000
 static void ShmemRequest()
 {
     if (prev_shmem_request_hook)
         prev_shmem_request_hook();
     RequestShmem();
 }
-#endif
 
 // Runs in the postmaster at startup and after every crash-restart (shared memory is rebuilt,
 // so the node table starts empty and the pool manager reloads it from the catalog).
@@ -94,6 +81,7 @@ static void ShmemStartup()
         shared->max_nodes = peerpool_max_nodes;
         pg_atomic_init_u32(&shared->worker_generation, 0);
         pg_atomic_init_u64(&shared->request_events, 0);
+        SpinLockInit(&shared->manager.mutex);
     }
     request_slots = static_cast<char *>(
         ShmemInitStruct("pg_peerpool requests", RequestSlotsSize(), &found));
@@ -111,12 +99,8 @@ static void ShmemStartup()
 
 void InstallShmemHooks()
 {
-#if PG_VERSION_NUM >= 150000
     prev_shmem_request_hook = shmem_request_hook;
     shmem_request_hook = ShmemRequest;
-#else
-    RequestShmem();
-#endif
     prev_shmem_startup_hook = shmem_startup_hook;
     shmem_startup_hook = ShmemStartup;
 }

@@ -97,6 +97,18 @@ struct NodeSlot {
     pg_atomic_uint64 check_completed;
 };
 
+// The pool manager's liveness (peerpool.pool_manager, node_health.stale). Written only by the
+// pool manager (src/worker/heartbeat.cpp), read by anyone; `mutex` protects every field and
+// is never held across anything that can fail.
+struct PoolManagerStatus {
+    slock_t mutex;
+    pid_t pid;              // the pool manager that publishes; 0 = none (stopped, not started)
+    TimestampTz started_at; // when the current (or last) pool manager's process started
+    TimestampTz stopped_at; // when the last one exited; 0 = none since shared memory was made
+    TimestampTz heartbeat;  // its last loop wake (at least every kHeartbeatIntervalMs)
+    uint32 starts;          // pool managers started since shared memory was made
+};
+
 // One state transition (peerpool.events).
 struct EventRecord {
     TimestampTz at;
@@ -133,6 +145,8 @@ struct SharedState {
     // Bumped by backends whenever a request slot needs the pool manager's attention
     // (submitted, cancelled); the pool manager scans the slots when it changed.
     pg_atomic_uint64 request_events;
+
+    PoolManagerStatus manager; // liveness, see PoolManagerStatus
 
     int max_nodes; // fixed at startup
     NodeSlot nodes[FLEXIBLE_ARRAY_MEMBER];

@@ -112,9 +112,6 @@ void SendNotifications(const NotifyBatch &batch)
     for (const std::string &p : *batch.payloads)
         Async_Notify("peerpool_events", p.c_str());
     CommitTransactionCommand();
-#if PG_VERSION_NUM < 150000
-    ProcessCompletedNotifies();
-#endif
 }
 
 } // namespace

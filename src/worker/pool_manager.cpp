@@ -21,6 +21,7 @@
 #include "pg_peerpool/pool/events.hpp"
 #include "pg_peerpool/pool/node.hpp"
 #include "pg_peerpool/shmem.hpp"
+#include "pg_peerpool/worker/heartbeat.hpp"
 #include "pg_peerpool/worker/registry_sync.hpp"
 #include "pg_peerpool/worker/request.hpp"
 
@@ -57,7 +58,7 @@ constexpr const char *kLockTimeout = "10ms";
 // its connections (SPEC section 7) instead of exiting from inside CHECK_FOR_INTERRUPTS.
 volatile sig_atomic_t shutdown_requested = false;
 
-void HandleSigterm(SIGNAL_ARGS)
+void HandleSigterm([[maybe_unused]] SIGNAL_ARGS)
 {
     int save_errno = errno;
     shutdown_requested = true;
@@ -765,6 +766,7 @@ void PoolManager::Run()
         if (fired_.size() < registered_.size() + 3)
             fired_.resize(registered_.size() + 3);
         long timeout = SleepMs(GetCurrentTimestamp());
+        timeout = PublishHeartbeat(timeout); // for the views: at least one wake a second
         WaitEvent *events = fired_.data();
         int size = static_cast<int>(fired_.size());
         int nfired = pg::Call([&] {

@@ -16,6 +16,8 @@
 #include <string>
 #include <utility>
 
+#include "pg_peerpool/pg/compat.hpp"
+
 extern "C" {
 #include "postgres.h"
 #include "fmgr.h"
@@ -49,7 +51,7 @@ private:
 };
 
 // printf-style formatting into a std::string.
-std::string Format(const char *fmt, ...) pg_attribute_printf(1, 2);
+std::string Format(const char *fmt, ...) PEERPOOL_PRINTF(1, 2);
 
 namespace pg {
 
