@@ -28,7 +28,7 @@ use PeerpoolFleet;
 my $user = getpwuid($<) // $ENV{USER};
 # A peer backend notices a closed client socket within 100 ms even while it runs a query.
 my ($peer1, $peer2) = PeerpoolFleet::peers(2, conf => "client_connection_check_interval = '100ms'");
-$peer1->safe_psql('postgres', 'CREATE TABLE fp_t (v int)');
+$_->safe_psql('postgres', 'CREATE TABLE fp_t (v int)') for ($peer1, $peer2);
 
 my $proxy = FaultProxy->new(upstream_port => $peer1->port, name => 'px');
 END { $proxy->stop if $proxy; }
@@ -261,9 +261,302 @@ note "proxy stats after part 1: " . join(' ', map { "$_=$st->{$_}" } sort keys %
 is($st->{open}, 0, 'no connection left open');
 
 # =======================================================================================
+# Part 2: pg_peerpool with node "px" through the proxy and node "direct" straight to peer2.
+#
+# Checks every 500 ms with a 500 ms timeout and a threshold of 2, quick reconnects.
+
+my $max_conn = 3;
+my $coord = PeerpoolFleet::coordinator('coord', conf => <<'EOC');
+peerpool.health_check_interval = '500ms'
+peerpool.health_check_timeout = '500ms'
+peerpool.unhealthy_threshold = 2
+peerpool.healthy_threshold = 1
+peerpool.connect_timeout = '2s'
+peerpool.reconnect_backoff_initial = '100ms'
+peerpool.reconnect_backoff_max = '500ms'
+peerpool.acquire_timeout = '5s'
+EOC
+$coord->safe_psql('postgres', sprintf(
+	q{SELECT peerpool.pool_add_node('px', %s, min_connections => 1, max_connections => %d)},
+	PeerpoolFleet::quote(sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $proxy->port, $user)),
+	$max_conn));
+$coord->safe_psql('postgres', sprintf(
+	q{SELECT peerpool.pool_add_node('direct', %s, min_connections => 1, max_connections => %d)},
+	PeerpoolFleet::quote(PeerpoolFleet::peer_conninfo($peer2)), $max_conn));
+
+sub both_healthy
+{
+	my ($timeout) = @_;
+	return PeerpoolFleet::wait_for_health($coord,
+		"count(*) FILTER (WHERE state = 'healthy') = 2", $timeout // 15);
+}
+PeerpoolFleet::timed_ok(both_healthy(), 10, 'px (through the proxy) and direct are healthy');
+
+# One call, in a psql of its own; returns (seconds, exit code, stdout, stderr).
+sub call
+{
+	my ($sql) = @_;
+	my ($out, $err) = ('', '');
+	my $start = time;
+	my $ret = $coord->psql('postgres', "\\set VERBOSITY verbose\n$sql",
+		stdout => \$out, stderr => \$err, timeout => 60);
+	return (time - $start, $ret, $out, $err);
+}
+
+# parallel_query over px and direct: (seconds, { node => { ok, error, ms } }).
+sub pq
+{
+	my ($sql, $extra) = @_;
+	my ($secs, $ret, $out, $err) = call(sprintf(
+		q{SELECT node_name, success, coalesce(error, ''), round(elapsed_ms::numeric, 1)
+  FROM peerpool.parallel_query(%s, ARRAY['px', 'direct']%s)},
+		PeerpoolFleet::quote($sql), $extra // ''));
+	my %rows;
+	for my $line (split /\n/, $out)
+	{
+		my ($name, $ok, $error, $ms) = split /\|/, $line, 4;
+		$rows{$name} = { ok => $ok, error => $error, ms => $ms };
+	}
+	$rows{call_error} = $err if $ret != 0;
+	return ($secs, \%rows);
+}
+
+sub px_stats
+{
+	my $line = $coord->safe_psql('postgres',
+		q{SELECT total, active, idle, waiting, created, closed, errors, state FROM peerpool.pool_stats WHERE node_name = 'px'});
+	my %s;
+	@s{qw(total active idle waiting created closed errors state)} = split /\|/, $line;
+	return \%s;
+}
+
+my $idle_in_tx = q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_peerpool'
+  AND state LIKE 'idle in transaction%'};
+
+# After a fault: nothing of ours idle in transaction on peer1, px's pool back within its
+# bounds with nothing active, and px answers again. Returns the seconds until px answered.
+sub settled
+{
+	my ($what, $t0) = @_;
+	my $clean = PeerpoolFleet::wait_until($peer1, "SELECT ($idle_in_tx) = 0", timeout => 10);
+	ok(defined $clean, "$what: no session of ours left idle in transaction on the peer");
+	my $sessions = PeerpoolFleet::remote_sessions($peer1);
+	cmp_ok($sessions, '<=', $max_conn, "$what: peer sessions ($sessions) <= max_connections");
+	my $stats_ok = PeerpoolFleet::wait_until($coord,
+		"SELECT total <= $max_conn AND active = 0 AND total = active + idle FROM peerpool.pool_stats WHERE node_name = 'px'",
+		timeout => 10);
+	my $st = px_stats();
+	ok(defined $stats_ok,
+		"$what: pool_stats consistent (total $st->{total} <= $max_conn, active $st->{active} = 0, idle $st->{idle})");
+	is(px_stats()->{state}, 'healthy', "$what: px is still healthy (one broken connection is not a node failure)");
+	my ($secs, $rows) = pq('SELECT 1');
+	is(($rows->{px}{ok} // '?') . ',' . ($rows->{direct}{ok} // '?'), 't,t',
+		"$what: the next call succeeds on both nodes at once");
+	return;
+}
+
+$peer1->safe_psql('postgres', 'TRUNCATE fp_t');
+my $many = q{SELECT g, repeat('x', 100) AS pad, '%s' AS marker FROM generate_series(1, 20000) g};
+
+# The fault cases: name, rule, the SQL (with a marker the rule matches), the column
+# definition list for pool_query.
+my @cases = (
+	[ 'Q', { dir => 'fb', type => 'Q' }, q{SELECT 'fp_case_Q' AS m}, 'm text' ],
+	[ 'D', { dir => 'bf', type => 'D', n => 500 }, $many, 'g int, pad text, m text' ],
+	[ 'C', { dir => 'bf', type => 'C' }, q{SELECT 'fp_case_C' AS m}, 'm text' ],
+	[ 'Z', { dir => 'bf', type => 'Z' }, q{SELECT 'fp_case_Z' AS m}, 'm text' ],
+	[ 'tx-D', { dir => 'bf', type => 'D' },
+		q{BEGIN; INSERT INTO fp_t VALUES (1); SELECT pg_sleep(0.2), 'fp_case_tx-D' AS m}, 's text, m text' ],
+	[ 'tx-Z', { dir => 'bf', type => 'Z' },
+		q{BEGIN; INSERT INTO fp_t VALUES (2); SELECT pg_sleep(0.2), 'fp_case_tx-Z' AS m}, 's text, m text' ],
+);
+
+# parallel_query's errors that do not name the node (its timeout and state errors do).
+my @unnamed;
+for my $fn ('parallel_query', 'pool_query')
+{
+	for my $how ('rst', 'fin')
+	{
+		for my $case (@cases)
+		{
+			my ($point, $rule, $sql, $coldef) = @$case;
+			my $tag = "fp_case_$point";
+			$sql = sprintf($sql, $tag) if $sql =~ /%s/;
+			my $what = "$fn, \u$how at $point";
+			ok(both_healthy(), "$what: both nodes healthy first");
+			my $before = px_stats();
+			my $fired = $proxy->stats->{fired};
+			$proxy->kill_at(%$rule, how => $how, match => qr/\Q$tag\E/);
+			my ($secs, $rows, $ret, $out, $err);
+			if ($fn eq 'parallel_query')
+			{
+				($secs, $rows) = pq($sql, ', timeout_ms => 10000');
+				note sprintf('%s: call took %.1f ms; px: %s %s ms "%s"; direct: %s %s ms', $what, 1000 * $secs,
+					map({ $_ // '?' } @{ $rows->{px} // {} }{qw(ok ms error)}),
+					map({ $_ // '?' } @{ $rows->{direct} // {} }{qw(ok ms)}));
+				is($rows->{px}{ok}, 'f', "$what: px fails");
+				push @unnamed, "$what: $rows->{px}{error}" unless ($rows->{px}{error} // '') =~ /node "px"/;
+				like($rows->{px}{error} // '', qr/connection|closed|reset/i, "$what: the error says the connection was lost");
+				is($rows->{direct}{ok}, 't', "$what: direct succeeds");
+			}
+			else
+			{
+				($secs, $ret, $out, $err) = call(sprintf(
+					q{SELECT count(*) FROM peerpool.pool_query(%s, 'px', timeout_ms => 10000) AS t(%s)},
+					PeerpoolFleet::quote($sql), $coldef));
+				$err =~ s/\s+$//;
+				note sprintf('%s: call took %.1f ms, exit %d: %s', $what, 1000 * $secs, $ret, $err);
+				isnt($ret, 0, "$what: the call fails");
+				like($err, qr/node "px"/, "$what: the error names the node");
+				my ($s2, $r2, $o2) = call(q{SELECT * FROM peerpool.pool_query('SELECT 1', 'direct') AS t(a int)});
+				is("$r2|$o2", '0|1', "$what: a call to direct succeeds");
+			}
+			cmp_ok($secs, '<', 3, "$what: the call returns at once, not at its 10 s deadline");
+			is($proxy->stats->{fired}, $fired + 1, "$what: the proxy fired the rule once");
+			$proxy->clear_rules;
+			settled($what);
+			my $after = px_stats();
+			cmp_ok($after->{closed}, '>', $before->{closed}, "$what: pool_stats counts the broken connection as closed");
+		}
+	}
+}
+
+# ---------------------------------------------------------------------------------------
+# AuthenticationOk lost while the pool opens a connection for a call: px's only pooled
+# connection is busy, so the call needs a new one, and every new connection is killed at
+# its 'R'.
+
+for my $how ('rst', 'fin')
+{
+	my $what = "parallel_query, \u$how at R (a new pool connection)";
+	my $t_case = time;
+	$proxy->close_all;
+	ok( PeerpoolFleet::wait_until($coord,
+			q{SELECT total = 1 AND idle = 1 AND state = 'healthy' FROM peerpool.pool_stats WHERE node_name = 'px'},
+			timeout => 15),
+		"$what: px back to one idle connection");
+	my $hold = PeerpoolFleet::psql_start($coord,
+		[q{SELECT * FROM peerpool.pool_query('SELECT pg_sleep(2) /* fp_hold */', 'px') AS t(s text)}]);
+	ok( PeerpoolFleet::wait_until($coord,
+			q{SELECT active = 1 FROM peerpool.pool_stats WHERE node_name = 'px'}, timeout => 10),
+		"$what: px's connection is busy");
+	my $fired = $proxy->stats->{fired};
+	$proxy->kill_at(dir => 'bf', type => 'R', how => $how, times => 0);
+	my ($secs, $rows) = pq(q{SELECT 'fp_case_R' AS m}, ', timeout_ms => 10000');
+	my $st = $proxy->stats;
+	$proxy->clear_rules;
+	note sprintf('%s: call took %.1f ms; px: %s %s ms "%s"; direct: %s; the proxy killed %d connection(s) at R',
+		$what, 1000 * $secs, map({ $_ // '?' } @{ $rows->{px} // {} }{qw(ok ms error)}),
+		$rows->{direct}{ok} // '?', $st->{fired} - $fired);
+	cmp_ok($st->{fired} - $fired, '>=', 1, "$what: the proxy killed a new connection at 'R'");
+	is($rows->{direct}{ok}, 't', "$what: direct succeeds");
+	is($rows->{px}{ok}, 'f', "$what: px fails");
+	like($rows->{px}{error} // '', qr/node "px"/, "$what: the error names the node");
+	cmp_ok($secs, '<', 5, "$what: the call returns before its 10 s deadline");
+	my ($ret, $out, $err) = PeerpoolFleet::psql_finish($hold);
+	$err =~ s/\s+$//;
+	note "$what: the held pool_query (on the working connection): exit $ret: $out $err";
+	note "$what: px events: "
+	  . join(', ', map { "$_->{from}->$_->{to} ($_->{reason})" } PeerpoolFleet::events($coord, 'px', since => $t_case));
+	ok(PeerpoolFleet::wait_for_health($coord, "count(*) FILTER (WHERE state = 'healthy') = 2", 15),
+		"$what: px healthy again");
+	settled($what);
+}
+
+# ---------------------------------------------------------------------------------------
+# A frozen established connection: the call's deadline holds, direct is not delayed, and
+# px leaves healthy within health_check_interval x unhealthy_threshold + health_check_timeout
+# (500 ms x 2 + 500 ms = 1.5 s).
+
+{
+	ok(both_healthy(), 'frozen: both healthy first');
+	my $s = PeerpoolFleet::session($coord);
+	PeerpoolFleet::watch_start($s,
+		q{SELECT count(*) = 1 FROM peerpool.node_health WHERE node_name = 'px' AND state <> 'healthy'}, 20);
+	my $t0 = time;
+	$proxy->freeze;
+	my ($secs, $rows) = pq(q{SELECT 'fp_frozen' AS m}, ', timeout_ms => 1000');
+	my $left = PeerpoolFleet::watch_finish($s);
+	$s->quit;
+	note sprintf('frozen: call took %.1f ms; px: %s %s ms "%s"; direct: %s %s ms', 1000 * $secs,
+		map({ $_ // '?' } @{ $rows->{px} // {} }{qw(ok ms error)}),
+		map({ $_ // '?' } @{ $rows->{direct} // {} }{qw(ok ms)}));
+	is("$rows->{px}{ok},$rows->{direct}{ok}", 'f,t', 'frozen: px fails, direct succeeds');
+	like($rows->{px}{error}, qr/^timeout: node "px" did not answer within 1000 ms \[SQLSTATE 57014\]$/,
+		'frozen: px fails with the timeout error');
+	cmp_ok($rows->{px}{ms}, '>=', 950, 'frozen: px failed at its deadline, not before');
+	cmp_ok($secs, '<', 2, 'frozen: the call returns within its 1 s deadline (+1 s)');
+	cmp_ok($rows->{direct}{ms}, '<', 500, 'frozen: direct was not held up');
+	ok(defined $left, 'frozen: px left healthy');
+	note sprintf('frozen: px left healthy %.1f ms after the freeze (bound 1500 ms): %s', 1000 * (($left // 0) - $t0),
+		$coord->safe_psql('postgres', q{SELECT state || ': ' || coalesce(last_error, '') FROM peerpool.node_health WHERE node_name = 'px'}));
+	cmp_ok(($left // 9**9**9) - $t0, '<', 1.5 + 0.5, 'frozen: within interval x threshold + timeout (1.5 s, +0.5 s slack)');
+	my ($d_secs, $d_rows) = pq(q{SELECT 1}, ", timeout_ms => 1000");
+	is($d_rows->{direct}{ok}, 't', 'frozen: calls to direct go on');
+	my $t_thaw = time;
+	$proxy->pass;
+	PeerpoolFleet::timed_ok(both_healthy(15), 10, 'thawed: px healthy again');
+	settled('frozen, then thawed');
+}
+
+# ---------------------------------------------------------------------------------------
+# A desynchronised connection (issue 7 item 14): a garbage type byte instead of the
+# ReadyForQuery of a caller's query. libpq reports "unexpected response from server" and
+# then waits for a ReadyForQuery that never comes. With peerpool.query_timeout = 30s the
+# call must fail at once (well under 2 s) and the connection must be discarded.
+# Expected to fail on the code of this branch (the call is held until its deadline).
+
+for my $case ([ 'parallel_query', 'Z' ], [ 'pool_query', 'Z' ], [ 'parallel_query', 'D' ])
+{
+	my ($fn, $type) = @$case;
+	my $what = "desync: $fn, garbage instead of '$type'";
+	ok(both_healthy(), "$what: both healthy first");
+	my $before = px_stats();
+	my $tag = "fp_desync_${fn}_$type";
+	$proxy->garble_at(dir => 'bf', type => $type, byte => '!', match => qr/\Q$tag\E/);
+	my ($secs, $rows, $ret, $out, $err);
+	my $prefix = "SET peerpool.query_timeout = '30s';\n";
+	if ($fn eq 'parallel_query')
+	{
+		($secs, $ret, $out, $err) = call($prefix . sprintf(
+			q{SELECT node_name, success, coalesce(error, '') FROM peerpool.parallel_query('SELECT ''%s'' AS m', ARRAY['px', 'direct'])},
+			$tag));
+		note sprintf("%s: call took %.1f ms:\n%s%s", $what, 1000 * $secs, $out, $err);
+		like($out, qr/^px\|f\|.*node "px".*\n/m, "$what: px fails with an error naming it");
+		like($out, qr/^px\|f\|.*(unexpected|protocol|desynchron)/mi, "$what: the error says what went wrong");
+		like($out, qr/^direct\|t\|/m, "$what: direct succeeds");
+	}
+	else
+	{
+		($secs, $ret, $out, $err) = call($prefix . sprintf(
+			q{SELECT * FROM peerpool.pool_query('SELECT ''%s'' AS m', 'px') AS t(m text)}, $tag));
+		note sprintf("%s: call took %.1f ms: exit %d %s%s", $what, 1000 * $secs, $ret, $out, $err);
+		isnt($ret, 0, "$what: the call fails");
+		like($err, qr/node "px".*(unexpected|protocol|desynchron)/i, "$what: the error names the node and the cause");
+	}
+	cmp_ok($secs, '<', 2, "$what: at once (under 2 s), not at the 30 s query_timeout");
+	is($proxy->stats->{rules}, 0, "$what: the proxy garbled the message");
+	my $discarded = PeerpoolFleet::wait_until($coord,
+		"SELECT closed > $before->{closed} FROM peerpool.pool_stats WHERE node_name = 'px'", timeout => 5);
+	ok(defined $discarded, "$what: the connection is discarded (pool_stats closed grows)");
+	$proxy->clear_rules;
+	settled($what);
+}
+
+# Defect on the current code: a connection lost while a parallel_query runs gives
+# "connection lost: server closed ..." without the node's name (pool_query prefixes it,
+# and parallel_query's own timeout and state errors name it).
+is(join("\n", @unnamed), '', 'parallel_query: every connection-lost error names the node');
+
+is($peer1->safe_psql('postgres', 'SELECT count(*) FROM fp_t'), '0',
+	'no INSERT of a killed remote transaction was committed');
+is($peer2->safe_psql('postgres', 'SELECT count(*) FROM fp_t'), '0',
+	'direct: the transactions the calls left open were rolled back, not committed');
+
+# =======================================================================================
 
 $proxy->stop;
-PeerpoolFleet::check_logs($peer1, $peer2);
-$_->stop for ($peer1, $peer2);
+PeerpoolFleet::check_logs($coord, $peer1, $peer2);
+$_->stop for ($coord, $peer1, $peer2);
 
 done_testing();
