@@ -166,10 +166,12 @@ while ($failures < $target_failures && time - $t_loop < 90)
 		my $before = $proxy->stats;
 		$proxy->reset_all;
 		batch($one, 2, 300);
+		ok(both_healthy(30), "round $round: healthy after reset_all") if $round == 1;
 		$proxy->refuse;
 		batch($one, 2, 300);
 		usleep(200_000);
 		$proxy->pass;
+		ok(both_healthy(30), "round $round: healthy after refuse");
 		$proxy->garble_at(dir => 'bf', type => 'Z', n => 1, times => 2, match => qr/fp_leak/);
 		batch($one, 2, 200);
 		$proxy->clear_rules;
