@@ -157,6 +157,38 @@ note sprintf('healthy %.1f ms after the delay ended', 1000 * ($healthy // 0));
 note 'hole events: ' . join(', ', map { "$_->{from}->$_->{to} ($_->{reason})" }
 	  PeerpoolFleet::events($coord, 'hole', since => $t3));
 
+# ---------------------------------------------------------------------------------------
+# Every current and future connection reset (the peer is gone, RST): the node leaves
+# healthy at once (SPEC section 9: a killed peer within 0.5 s), calls to it fail at once
+# with an error naming it, direct is untouched; after pass it comes back.
+
+{
+	ok( PeerpoolFleet::wait_for_health($coord, "count(*) FILTER (WHERE state = 'healthy') = 2", 15),
+		'refuse: both healthy first');
+	my $s = PeerpoolFleet::session($coord);
+	PeerpoolFleet::watch_start($s,
+		q{SELECT count(*) = 1 FROM peerpool.node_health WHERE node_name = 'hole' AND state NOT IN ('healthy', 'degraded')}, 20);
+	my $t6 = time;
+	$proxy->refuse;
+	my $left = PeerpoolFleet::watch_finish($s);
+	$s->quit;
+	ok(defined $left, 'refuse: hole left healthy');
+	note sprintf('refuse: hole left healthy %.1f ms after every connection was reset: %s',
+		1000 * (($left // 0) - $t6), state_of('hole'));
+	cmp_ok(($left // 9**9**9) - $t6, '<', 0.5, 'refuse: within 0.5 s');
+	my ($secs, $rows) = pq([ 'hole', 'direct' ], ', timeout_ms => 5000');
+	note sprintf('refuse: a call: hole %s %s ms "%s", direct %s %s ms', @{ $rows->{hole} }, @{ $rows->{direct} }[ 0, 1 ]);
+	is("$rows->{hole}[0],$rows->{direct}[0]", 'f,t', 'refuse: hole fails, direct answers');
+	like($rows->{hole}[2], qr/node "hole"/, 'refuse: the error names the node');
+	cmp_ok($rows->{hole}[1], '<', 100, 'refuse: hole fails at once');
+	my $t7 = time;
+	$proxy->pass;
+	my $back = PeerpoolFleet::wait_for_health($coord,
+		q{count(*) FILTER (WHERE node_name = 'hole' AND state IN ('healthy', 'degraded')) = 1}, 15, start => $t7);
+	PeerpoolFleet::timed_ok($back, 0.5 + 1 + 1.5, 'refuse, then pass: hole serves again (backoff max + a check + slack)');
+	cmp_ok($proxy->stats->{refused}, '>=', 1, 'refuse: the proxy refused reconnects');
+}
+
 $bs->quit;
 my $st = $proxy->stats;
 note 'proxy: ' . join(' ', map { "$_=$st->{$_}" } grep { !/^msgs_/ } sort keys %$st);
