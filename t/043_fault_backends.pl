@@ -27,7 +27,7 @@ EOC
 # The test framework turns restart_after_crash off; a real peer restarts after kill -9.
 my ($victim, $direct) = PeerpoolFleet::peers(2, prefix => 'node', conf => 'restart_after_crash = on');
 my ($vn, $dn) = ($victim->name, $direct->name);
-PeerpoolFleet::register($coord, { sql_extra => 'min_connections => 3, max_connections => 5' }, $victim, $direct);
+PeerpoolFleet::register($coord, { sql_extra => 'min_connections => 5, max_connections => 6' }, $victim, $direct);
 
 sub all_healthy
 {
@@ -35,8 +35,8 @@ sub all_healthy
 }
 PeerpoolFleet::timed_ok(all_healthy(), 10, 'both nodes healthy');
 ok(PeerpoolFleet::wait_until($victim,
-		q{SELECT count(*) = 3 FROM pg_stat_activity WHERE application_name = 'pg_peerpool'}, timeout => 10),
-	'three pooled sessions on the victim');
+		q{SELECT count(*) = 5 FROM pg_stat_activity WHERE application_name = 'pg_peerpool'}, timeout => 10),
+	'five pooled sessions on the victim');
 
 my $bs = $coord->background_psql('postgres');
 
@@ -73,26 +73,31 @@ sub rebuilt
 # ---------------------------------------------------------------------------------------
 # Every idle pooled session terminated at once.
 
-my @old = PeerpoolFleet::remote_pids($victim);
-my $t0 = time;
-$victim->safe_psql('postgres',
-	q{SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pg_peerpool'});
-usleep(300_000);
-my ($secs, $rows) = pq('SELECT 1');
-note sprintf('idle sessions terminated: a call %.1f ms after: %s', 1000 * (time - $t0), describe($rows));
-is($rows->{$dn}[0], 't', 'idle sessions terminated: the other node answers');
+# A race: whether the node leaves healthy depends on the order in which the pool manager
+# sees the sessions' FATAL messages, so the round is repeated.
+my ($t0, $secs, $rows, @left);
+for my $round (1 .. 5)
+{
+	my @old = PeerpoolFleet::remote_pids($victim);
+	$t0 = time;
+	$victim->safe_psql('postgres',
+		q{SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pg_peerpool'});
+	($secs, $rows) = pq('SELECT 1');
+	note sprintf('round %d: idle sessions terminated: a call %.1f ms after: %s', $round, 1000 * (time - $t0), describe($rows));
+	is($rows->{$dn}[0], 't', "round $round: idle sessions terminated: the other node answers");
+	my $r = rebuilt(5, \@old, $t0);
+	PeerpoolFleet::timed_ok($r, 5, "round $round: idle sessions terminated: five new pooled sessions");
+	ok(all_healthy(), "round $round: idle sessions terminated: both healthy");
+	push @left, grep { $_->{from} eq 'healthy' } PeerpoolFleet::events($coord, $vn, since => $t0);
+}
 # SPEC 3: a broken pooled connection is noticed at once, not at the next check; the peer
-# itself is fine, so the node must not leave healthy and calls must not fail.
-is($rows->{$vn}[0], 't', 'idle sessions terminated: the victim answers (its pool replaced the dead sessions)');
-my @left = grep { $_->{from} eq 'healthy' } PeerpoolFleet::events($coord, $vn, since => $t0);
+# itself is fine, so the node must not leave healthy. Fails on this code: the re-check
+# after a broken idle connection runs on another session that is dead too, and two
+# such checks in a row make the node unhealthy.
 is(join(', ', map { "$_->{from}->$_->{to} ($_->{reason})" } @left), '',
-	'idle sessions terminated: the node never left healthy');
-my $r = rebuilt(3, \@old, $t0);
-PeerpoolFleet::timed_ok($r, 5, 'idle sessions terminated: three new pooled sessions');
-ok(all_healthy(), 'idle sessions terminated: both healthy');
+	'idle sessions terminated (5 rounds): the node never left healthy');
 ($secs, $rows) = pq('SELECT 1');
 is("$rows->{$vn}[0],$rows->{$dn}[0]", 't,t', 'idle sessions terminated: the next call succeeds on both');
-note "$vn events: " . join(', ', map { "$_->{from}->$_->{to} ($_->{reason})" } PeerpoolFleet::events($coord, $vn, since => $t0));
 
 # ---------------------------------------------------------------------------------------
 # A pooled session terminated mid-query: that call fails at once (57P01, naming the node).
@@ -123,7 +128,7 @@ is("$rows->{$vn}[0],$rows->{$dn}[0]", 't,t', 'mid-query terminate: the next call
 # backend and reinitialises. The call fails at once; the other node keeps answering; the
 # victim comes back.
 
-@old = PeerpoolFleet::remote_pids($victim);
+my @old = PeerpoolFleet::remote_pids($victim);
 $h = PeerpoolFleet::psql_start($coord,
 	[qq{SELECT * FROM peerpool.pool_query('SELECT pg_sleep(10) /* fp_kill9 */', '$vn') AS t(s text)}]);
 ok( PeerpoolFleet::wait_until($victim,
@@ -153,15 +158,15 @@ while (time - $t0 < 2)
 note sprintf('kill -9: %d calls in the 2 s after: the other node failed %d times, worst %.1f ms', $calls, $direct_fail, $worst);
 is($direct_fail, 0, 'kill -9: the other node answers every call meanwhile');
 cmp_ok($worst, '<', 100, 'kill -9: the other node answers within 100 ms');
-$r = rebuilt(3, \@old, $t0);
-PeerpoolFleet::timed_ok($r, 15, 'kill -9: the victim restarted and three new pooled sessions exist');
+my $r = rebuilt(5, \@old, $t0);
+PeerpoolFleet::timed_ok($r, 15, 'kill -9: the victim restarted and five new pooled sessions exist');
 my $back = PeerpoolFleet::wait_until($coord,
 	qq{SELECT bool_and(success) FROM peerpool.parallel_query('SELECT 1', ARRAY['$vn', '$dn'])},
 	timeout => 20, start => $t0);
 PeerpoolFleet::timed_ok($back, 15, 'kill -9: calls to the victim succeed again');
 note "$vn events: " . join(', ', map { "$_->{from}->$_->{to} ($_->{reason})" } PeerpoolFleet::events($coord, $vn, since => $t0));
 ok( PeerpoolFleet::wait_until($coord,
-		q{SELECT bool_and(total <= 5 AND active = 0) FROM peerpool.pool_stats}, timeout => 10),
+		q{SELECT bool_and(total <= 6 AND active = 0) FROM peerpool.pool_stats}, timeout => 10),
 	'pool_stats within max_connections, nothing active');
 
 # ---------------------------------------------------------------------------------------
