@@ -75,7 +75,7 @@ sub rebuilt
 
 # A race: whether the node leaves healthy depends on the order in which the pool manager
 # sees the sessions' FATAL messages, so the round is repeated.
-my ($t0, $secs, $rows, @left);
+my ($t0, $secs, $rows, @left, @victim_failed);
 for my $round (1 .. 5)
 {
 	my @old = PeerpoolFleet::remote_pids($victim);
@@ -85,6 +85,7 @@ for my $round (1 .. 5)
 	($secs, $rows) = pq('SELECT 1');
 	note sprintf('round %d: idle sessions terminated: a call %.1f ms after: %s', $round, 1000 * (time - $t0), describe($rows));
 	is($rows->{$dn}[0], 't', "round $round: idle sessions terminated: the other node answers");
+	push @victim_failed, "round $round: $rows->{$vn}[2]" if $rows->{$vn}[0] ne 't';
 	my $r = rebuilt(5, \@old, $t0);
 	PeerpoolFleet::timed_ok($r, 5, "round $round: idle sessions terminated: five new pooled sessions");
 	ok(all_healthy(), "round $round: idle sessions terminated: both healthy");
@@ -96,6 +97,9 @@ for my $round (1 .. 5)
 # such checks in a row make the node unhealthy.
 is(join(', ', map { "$_->{from}->$_->{to} ($_->{reason})" } @left), '',
 	'idle sessions terminated (5 rounds): the node never left healthy');
+# SPEC 5: a broken connection is never handed to a caller. Fails on this code: a session
+# the peer already ended is leased, and the call fails with "connection lost".
+is(join("\n", @victim_failed), '', 'idle sessions terminated (5 rounds): the call a moment later never failed');
 ($secs, $rows) = pq('SELECT 1');
 is("$rows->{$vn}[0],$rows->{$dn}[0]", 't,t', 'idle sessions terminated: the next call succeeds on both');
 
