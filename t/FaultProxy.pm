@@ -713,8 +713,12 @@ sub _select_conn
 		  && length($c->{"wbuf_$d"}) < 1_048_576;
 		$wsel->add($dest{$d})
 		  if $dest{$d} && $c->{state} ne 'connecting_wait' && length $c->{"wbuf_$d"};
-		# Nothing left to write but an EOF to pass on: do it now.
-		if ($dest{$d} && $c->{"eofq_$d"} && !length $c->{"wbuf_$d"})
+		# Nothing left to write but an EOF to pass on, and the connection may close: do it
+		# now (a FIN close waits for both directions; no spinning meanwhile).
+		if (   $dest{$d}
+			&& $c->{"eofq_$d"}
+			&& !length $c->{"wbuf_$d"}
+			&& (!$c->{fin_requested} || _fin_flushed($c)))
 		{
 			$$wake = 0;
 		}
