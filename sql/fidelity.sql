@@ -58,6 +58,14 @@ SELECT result = (SELECT jsonb_agg(jsonb_build_object('g', g, 's', repeat('x', g 
   FROM peerpool.parallel_query($$SELECT g, repeat('x', g % 7) AS s, g / 4.0 AS f, g % 2 = 0 AS b,
                                         NULL::int AS n, jsonb_build_array(g, 'y') AS j
                                    FROM generate_series(1, 100) g$$, ARRAY['self']);
+-- The same without a json column (rows are then built from pre-sorted pairs).
+SELECT result = (SELECT jsonb_agg(jsonb_build_object('g', g, 'long_name', repeat('x', g % 7), 'f', g / 4.0,
+                                                     'b', g % 2 = 0, 'n', NULL, 'ab', -g::float8 / 3))
+                   FROM generate_series(1, 100) g) AS same,
+       result::text::jsonb = result AS reparsed, result -> 63 AS r63, result @> '[{"g": 77, "b": false}]' AS contains
+  FROM peerpool.parallel_query($$SELECT g, repeat('x', g % 7) AS long_name, g / 4.0 AS f, g % 2 = 0 AS b,
+                                        NULL::int AS n, -g::float8 / 3 AS ab
+                                   FROM generate_series(1, 100) g$$, ARRAY['self']);
 SELECT result, jsonb_array_length(result) AS rows FROM peerpool.parallel_query('SELECT 1 WHERE false', ARRAY['self']);
 -- Numbers as numbers, NaN and infinities as strings, as before.
 SELECT result FROM peerpool.parallel_query($$SELECT 'NaN'::numeric AS nan, '-Infinity'::float8 AS ninf,

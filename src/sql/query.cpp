@@ -249,6 +249,17 @@ char **UniqueColumnNames(char **names, int n)
     return out;
 }
 
+// The rows' containers of a node, in chunks: a growing contiguous buffer would be copied
+// (and its fresh pages faulted in) again at every doubling.
+struct DataChunk {
+    DataChunk *next;
+    Size len;
+    Size capacity;
+    char data[FLEXIBLE_ARRAY_MEMBER];
+};
+
+constexpr Size kChunkSize = 1024 * 1024;
+
 struct NodeResult {
     char *name;
     MemoryContext context; // owns this node's columns and rows; deleted when the node fails
@@ -256,7 +267,12 @@ struct NodeResult {
     Oid *types;
     char **keys;         // unique object keys (UniqueColumnNames)
     JsonbValue *key_values;
-    StringInfoData data; // the rows' containers, each padded to int alignment
+    bool has_json;       // a json/jsonb column: rows are built with pushJsonbValue
+    JsonbPair *pairs;    // otherwise: the object's pairs, in jsonb's key order, keys set once
+    int *sorted;         // the column of each pair
+    DataChunk *first;    // the rows' containers, each padded to int alignment
+    DataChunk *last;
+    uint64 data_len;     // bytes in all chunks
     uint32 *lens;        // per row: its padding + container length
     int64 rows;
     int64 capacity;
@@ -273,8 +289,8 @@ void AppendRow(NodeResult &n, Jsonb *row)
     uint32 len = VARSIZE(row) - VARHDRSZ;
     // The data area starts 4-aligned (after the header and 4-byte JEntries), so padding to
     // INTALIGN here is padding to it in the final value.
-    int pad = INTALIGN(n.data.len) - n.data.len;
-    if (static_cast<uint64>(n.data.len) + pad + len > JENTRY_OFFLENMASK)
+    uint32 pad = static_cast<uint32>(INTALIGN(n.data_len) - n.data_len);
+    if (n.data_len + pad + len > JENTRY_OFFLENMASK)
         ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
                         errmsg("total size of jsonb array elements exceeds the maximum of %u bytes",
                                JENTRY_OFFLENMASK),
@@ -283,16 +299,31 @@ void AppendRow(NodeResult &n, Jsonb *row)
         n.capacity *= 2;
         n.lens = static_cast<uint32 *>(repalloc(n.lens, sizeof(uint32) * n.capacity));
     }
-    static const char zeros[4] = {0, 0, 0, 0};
-    appendBinaryStringInfo(&n.data, zeros, pad);
-    appendBinaryStringInfo(&n.data, VARDATA(row), static_cast<int>(len));
+    if (n.last == nullptr || n.last->capacity - n.last->len < pad + len) {
+        Size capacity = Max(kChunkSize, static_cast<Size>(pad) + len);
+        auto *chunk = static_cast<DataChunk *>(
+            MemoryContextAlloc(n.context, offsetof(DataChunk, data) + capacity));
+        chunk->next = nullptr;
+        chunk->len = 0;
+        chunk->capacity = capacity;
+        if (n.last != nullptr)
+            n.last->next = chunk;
+        else
+            n.first = chunk;
+        n.last = chunk;
+    }
+    char *out = n.last->data + n.last->len;
+    memset(out, 0, pad);
+    memcpy(out + pad, VARDATA(row), len);
+    n.last->len += pad + len;
+    n.data_len += pad + len;
     n.lens[n.rows++] = pad + len;
 }
 
 // The node's jsonb array, laid out as convertJsonbArray() does.
 Datum BuildArray(const NodeResult &n)
 {
-    Size total = VARHDRSZ + sizeof(uint32) + sizeof(JEntry) * n.rows + n.data.len;
+    Size total = VARHDRSZ + sizeof(uint32) + sizeof(JEntry) * n.rows + n.data_len;
     Jsonb *out = static_cast<Jsonb *>(palloc(total));
     SET_VARSIZE(out, total);
     out->root.header = static_cast<uint32>(n.rows) | JB_FARRAY;
@@ -304,9 +335,44 @@ Datum BuildArray(const NodeResult &n)
                                     ? (JENTRY_ISCONTAINER | JENTRY_HAS_OFF | offset)
                                     : (JENTRY_ISCONTAINER | n.lens[i]);
     }
-    if (n.data.len > 0)
-        memcpy(&out->root.children[n.rows], n.data.data, n.data.len);
+    char *data = reinterpret_cast<char *>(&out->root.children[n.rows]);
+    for (const DataChunk *chunk = n.first; chunk != nullptr; chunk = chunk->next) {
+        memcpy(data, chunk->data, chunk->len);
+        data += chunk->len;
+    }
     return JsonbPGetDatum(out);
+}
+
+// jsonb's order of object keys: shorter first, then bytewise (lengthCompareJsonbStringValue).
+int CompareKeys(const void *a, const void *b)
+{
+    auto *x = static_cast<const JsonbPair *>(a);
+    auto *y = static_cast<const JsonbPair *>(b);
+    int xl = x->key.val.string.len, yl = y->key.val.string.len;
+    if (xl != yl)
+        return xl < yl ? -1 : 1;
+    return memcmp(x->key.val.string.val, y->key.val.string.val, xl);
+}
+
+// A row's object is built straight from pairs in key order (its keys are unique and the same
+// for every row), without pushJsonbValue's per-row sort; that needs no json column, whose
+// value must be unpacked into the tree by pushJsonbValue.
+void PrepareColumns(NodeResult &n)
+{
+    n.has_json = false;
+    for (int k = 0; k < n.ncols; k++)
+        n.has_json = n.has_json || n.types[k] == JSONOID || n.types[k] == JSONBOID;
+    n.pairs = static_cast<JsonbPair *>(palloc0(sizeof(JsonbPair) * (n.ncols + 1)));
+    n.sorted = static_cast<int *>(palloc(sizeof(int) * (n.ncols + 1)));
+    for (int k = 0; k < n.ncols; k++) {
+        n.pairs[k].key = n.key_values[k];
+        n.pairs[k].order = static_cast<uint32>(k);
+    }
+    qsort(n.pairs, n.ncols, sizeof(JsonbPair), CompareKeys);
+    for (int i = 0; i < n.ncols; i++) {
+        n.sorted[i] = static_cast<int>(n.pairs[i].order);
+        n.pairs[i].order = static_cast<uint32>(i);
+    }
 }
 
 struct JsonRow {
@@ -316,65 +382,84 @@ struct JsonRow {
     int column; // the column being converted, or -1
 };
 
+// The JSON value of column k's field.
+void FieldValue(const NodeResult &n, int k, const Field &f, JsonbValue &v)
+{
+    v.type = jbvString;
+    v.val.string.val = const_cast<char *>(f.data);
+    v.val.string.len = f.len;
+    if (f.len < 0) {
+        v.type = jbvNull;
+        return;
+    }
+    switch (n.types[k]) {
+    case BOOLOID:
+        v.type = jbvBool;
+        v.val.boolean = f.len > 0 && f.data[0] == 't';
+        break;
+    case INT2OID:
+    case INT4OID:
+    case INT8OID:
+    case OIDOID:
+    case FLOAT4OID:
+    case FLOAT8OID:
+    case NUMERICOID: {
+        char *text = pnstrdup(f.data, f.len);
+        if (IsJsonNumber(text)) {
+            v.type = jbvNumeric;
+            v.val.numeric = DatumGetNumeric(DirectFunctionCall3(
+                numeric_in, CStringGetDatum(text), ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+        }
+        break;
+    }
+    case JSONOID:
+    case JSONBOID: {
+        // Embedded as JSON, not as a string; \u0000 or a lone surrogate fails here.
+        Jsonb *value = DatumGetJsonbP(
+            DirectFunctionCall1(jsonb_in, CStringGetDatum(pnstrdup(f.data, f.len))));
+        v.type = jbvBinary;
+        v.val.binary.data = &value->root;
+        v.val.binary.len = VARSIZE(value) - VARHDRSZ;
+        break;
+    }
+    default:
+        break; // text, already checked to be valid here
+    }
+}
+
 // One row as an object (run under pg::RunCatchingErrors: an error fails the node only).
 void ConvertJsonRow(void *arg)
 {
     auto *row = static_cast<JsonRow *>(arg);
     NodeResult &n = *row->node;
     MemoryContext old = MemoryContextSwitchTo(row->row_context);
-    JsonbParseState *state = nullptr;
-    pushJsonbValue(&state, WJB_BEGIN_OBJECT, nullptr);
-    for (int k = 0; k < n.ncols; k++) {
-        row->column = k;
-        const Field &f = row->fields[k];
-        JsonbValue v;
-        v.type = jbvString;
-        v.val.string.val = const_cast<char *>(f.data);
-        v.val.string.len = f.len;
-        if (f.len < 0) {
-            v.type = jbvNull;
-        } else {
-            switch (n.types[k]) {
-            case BOOLOID:
-                v.type = jbvBool;
-                v.val.boolean = f.len > 0 && f.data[0] == 't';
-                break;
-            case INT2OID:
-            case INT4OID:
-            case INT8OID:
-            case OIDOID:
-            case FLOAT4OID:
-            case FLOAT8OID:
-            case NUMERICOID: {
-                char *text = pnstrdup(f.data, f.len);
-                if (IsJsonNumber(text)) {
-                    v.type = jbvNumeric;
-                    v.val.numeric = DatumGetNumeric(
-                        DirectFunctionCall3(numeric_in, CStringGetDatum(text),
-                                            ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
-                }
-                break;
-            }
-            case JSONOID:
-            case JSONBOID: {
-                // Embedded as JSON, not as a string; \u0000 or a lone surrogate fails here.
-                Jsonb *value = DatumGetJsonbP(
-                    DirectFunctionCall1(jsonb_in, CStringGetDatum(pnstrdup(f.data, f.len))));
-                v.type = jbvBinary;
-                v.val.binary.data = &value->root;
-                v.val.binary.len = VARSIZE(value) - VARHDRSZ;
-                break;
-            }
-            default:
-                break; // text, already checked to be valid here
-            }
+    JsonbValue *object = nullptr;
+    if (!n.has_json) {
+        for (int i = 0; i < n.ncols; i++) {
+            row->column = n.sorted[i];
+            FieldValue(n, row->column, row->fields[row->column], n.pairs[i].value);
         }
-        pushJsonbValue(&state, WJB_KEY, &n.key_values[k]);
-        pushJsonbValue(&state, WJB_VALUE, &v);
+        JsonbValue value;
+        value.type = jbvObject;
+        value.val.object.nPairs = n.ncols;
+        value.val.object.pairs = n.pairs;
+        object = &value;
+        row->column = -1;
+        AppendRow(n, JsonbValueToJsonb(object));
+    } else {
+        JsonbParseState *state = nullptr;
+        pushJsonbValue(&state, WJB_BEGIN_OBJECT, nullptr);
+        for (int k = 0; k < n.ncols; k++) {
+            row->column = k;
+            JsonbValue v;
+            FieldValue(n, k, row->fields[k], v);
+            pushJsonbValue(&state, WJB_KEY, &n.key_values[k]);
+            pushJsonbValue(&state, WJB_VALUE, &v);
+        }
+        row->column = -1;
+        object = pushJsonbValue(&state, WJB_END_OBJECT, nullptr);
+        AppendRow(n, JsonbValueToJsonb(object));
     }
-    row->column = -1;
-    JsonbValue *object = pushJsonbValue(&state, WJB_END_OBJECT, nullptr);
-    AppendRow(n, JsonbValueToJsonb(object));
     MemoryContextSwitchTo(old);
 }
 
@@ -400,7 +485,10 @@ void FailNode(NodeResult &n, int sqlerrcode, const char *column, const char *mes
     n.key_values = nullptr;
     n.types = nullptr;
     n.lens = nullptr;
-    n.data = StringInfoData{};
+    n.pairs = nullptr;
+    n.sorted = nullptr;
+    n.first = n.last = nullptr;
+    n.data_len = 0;
 }
 
 void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
@@ -431,7 +519,6 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
                 n.context = AllocSetContextCreate(call_context, "parallel_query node",
                                                   ALLOCSET_DEFAULT_SIZES);
                 MemoryContext old = MemoryContextSwitchTo(n.context);
-                initStringInfo(&n.data);
                 n.capacity = 64;
                 n.lens = static_cast<uint32 *>(palloc(sizeof(uint32) * n.capacity));
                 MemoryContextSwitchTo(old);
@@ -471,6 +558,7 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
                 n.key_values[k].val.string.val = n.keys[k];
                 n.key_values[k].val.string.len = static_cast<int>(strlen(n.keys[k]));
             }
+            PrepareColumns(n);
             MemoryContextSwitchTo(old);
             break;
         }
