@@ -637,6 +637,10 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
         if (success) {
             values[2] = BuildArray(n);
             nulls[3] = true;
+            // Free what is copied before the next big allocation, which may reuse it: fresh
+            // pages cost a page fault each, and a large result is copied twice more here.
+            MemoryContextDelete(n.context);
+            n.context = nullptr;
         } else {
             nulls[2] = true;
             values[3] = CStringGetTextDatum(n.error ? n.error : "no result");
@@ -644,8 +648,10 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
         values[4] = Float8GetDatum(n.elapsed_ms);
         nulls[4] = !n.done;
         tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+        if (success)
+            pfree(DatumGetPointer(values[2])); // copied into the tuplestore
         if (n.context != nullptr)
-            MemoryContextDelete(n.context); // its array is in the tuplestore now
+            MemoryContextDelete(n.context);
         n.context = nullptr;
     }
     MemoryContextDelete(row_context);
