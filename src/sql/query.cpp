@@ -249,17 +249,6 @@ char **UniqueColumnNames(char **names, int n)
     return out;
 }
 
-// The rows' containers of a node, in chunks: a growing contiguous buffer would be copied
-// (and its fresh pages faulted in) again at every doubling.
-struct DataChunk {
-    DataChunk *next;
-    Size len;
-    Size capacity;
-    char data[FLEXIBLE_ARRAY_MEMBER];
-};
-
-constexpr Size kChunkSize = 1024 * 1024;
-
 struct NodeResult {
     char *name;
     MemoryContext context; // owns this node's columns and rows; deleted when the node fails
@@ -270,9 +259,12 @@ struct NodeResult {
     bool has_json;       // a json/jsonb column: rows are built with pushJsonbValue
     JsonbPair *pairs;    // otherwise: the object's pairs, in jsonb's key order, keys set once
     int *sorted;         // the column of each pair
-    DataChunk *first;    // the rows' containers, each padded to int alignment
-    DataChunk *last;
-    uint64 data_len;     // bytes in all chunks
+    // The rows' containers, each padded to int alignment, in one buffer that becomes the
+    // node's array in place (FinishArray): a large result is copied once less, and fresh
+    // pages (a page fault each) are what a large result costs most.
+    char *data;
+    Size data_len;
+    Size data_capacity;
     uint32 *lens;        // per row: its padding + container length
     int64 rows;
     int64 capacity;
@@ -299,32 +291,29 @@ void AppendRow(NodeResult &n, Jsonb *row)
         n.capacity *= 2;
         n.lens = static_cast<uint32 *>(repalloc(n.lens, sizeof(uint32) * n.capacity));
     }
-    if (n.last == nullptr || n.last->capacity - n.last->len < pad + len) {
-        Size capacity = Max(kChunkSize, static_cast<Size>(pad) + len);
-        auto *chunk = static_cast<DataChunk *>(
-            MemoryContextAlloc(n.context, offsetof(DataChunk, data) + capacity));
-        chunk->next = nullptr;
-        chunk->len = 0;
-        chunk->capacity = capacity;
-        if (n.last != nullptr)
-            n.last->next = chunk;
-        else
-            n.first = chunk;
-        n.last = chunk;
+    // Room for the header and the entries is made at the end, by one move of the data.
+    if (n.data_capacity - n.data_len < pad + len) {
+        Size capacity = Max(n.data_capacity * 2, n.data_len + pad + len);
+        n.data = static_cast<char *>(repalloc(n.data, capacity));
+        n.data_capacity = capacity;
     }
-    char *out = n.last->data + n.last->len;
+    char *out = n.data + n.data_len;
     memset(out, 0, pad);
     memcpy(out + pad, VARDATA(row), len);
-    n.last->len += pad + len;
     n.data_len += pad + len;
     n.lens[n.rows++] = pad + len;
 }
 
-// The node's jsonb array, laid out as convertJsonbArray() does.
-Datum BuildArray(const NodeResult &n)
+// The node's jsonb array, laid out as convertJsonbArray() does, made in place from its rows'
+// buffer: the data moves up to make room for the header and one entry per row.
+Datum FinishArray(NodeResult &n)
 {
-    Size total = VARHDRSZ + sizeof(uint32) + sizeof(JEntry) * n.rows + n.data_len;
-    Jsonb *out = static_cast<Jsonb *>(palloc(total));
+    Size head = VARHDRSZ + sizeof(uint32) + sizeof(JEntry) * n.rows;
+    Size total = head + n.data_len;
+    char *buffer = static_cast<char *>(repalloc(n.data, total));
+    memmove(buffer + head, buffer, n.data_len);
+    n.data = nullptr; // the array owns it now (still in the node's context)
+    Jsonb *out = reinterpret_cast<Jsonb *>(buffer);
     SET_VARSIZE(out, total);
     out->root.header = static_cast<uint32>(n.rows) | JB_FARRAY;
     uint32 offset = 0;
@@ -334,11 +323,6 @@ Datum BuildArray(const NodeResult &n)
         out->root.children[i] = (i % JB_OFFSET_STRIDE) == 0
                                     ? (JENTRY_ISCONTAINER | JENTRY_HAS_OFF | offset)
                                     : (JENTRY_ISCONTAINER | n.lens[i]);
-    }
-    char *data = reinterpret_cast<char *>(&out->root.children[n.rows]);
-    for (const DataChunk *chunk = n.first; chunk != nullptr; chunk = chunk->next) {
-        memcpy(data, chunk->data, chunk->len);
-        data += chunk->len;
     }
     return JsonbPGetDatum(out);
 }
@@ -487,8 +471,8 @@ void FailNode(NodeResult &n, int sqlerrcode, const char *column, const char *mes
     n.lens = nullptr;
     n.pairs = nullptr;
     n.sorted = nullptr;
-    n.first = n.last = nullptr;
-    n.data_len = 0;
+    n.data = nullptr;
+    n.data_len = n.data_capacity = 0;
 }
 
 void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
@@ -521,6 +505,8 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
                 MemoryContext old = MemoryContextSwitchTo(n.context);
                 n.capacity = 64;
                 n.lens = static_cast<uint32 *>(palloc(sizeof(uint32) * n.capacity));
+                n.data_capacity = 8192;
+                n.data = static_cast<char *>(palloc(n.data_capacity));
                 MemoryContextSwitchTo(old);
             }
             break;
@@ -635,12 +621,8 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
         values[0] = CStringGetTextDatum(n.name);
         values[1] = BoolGetDatum(success);
         if (success) {
-            values[2] = BuildArray(n);
+            values[2] = FinishArray(n);
             nulls[3] = true;
-            // Free what is copied before the next big allocation, which may reuse it: fresh
-            // pages cost a page fault each, and a large result is copied twice more here.
-            MemoryContextDelete(n.context);
-            n.context = nullptr;
         } else {
             nulls[2] = true;
             values[3] = CStringGetTextDatum(n.error ? n.error : "no result");
@@ -648,8 +630,8 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
         values[4] = Float8GetDatum(n.elapsed_ms);
         nulls[4] = !n.done;
         tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-        if (success)
-            pfree(DatumGetPointer(values[2])); // copied into the tuplestore
+        // Its array is copied into the tuplestore: free it before the next node's copy, which
+        // may reuse the memory.
         if (n.context != nullptr)
             MemoryContextDelete(n.context);
         n.context = nullptr;
