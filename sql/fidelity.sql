@@ -30,6 +30,9 @@ SELECT (SELECT count(*) FROM jsonb_object_keys(result -> 0)) AS keys
   FROM peerpool.parallel_query(
       (SELECT 'SELECT ' || string_agg(format('%s AS c%s', g, g % 10), ', ') FROM generate_series(1, 50) g),
       ARRAY['self']);
+-- Rows without columns are empty objects.
+SELECT result FROM peerpool.parallel_query('SELECT FROM generate_series(1, 2)', ARRAY['self']);
+SELECT * FROM peerpool.parallel_query_rows('SELECT FROM generate_series(1, 2)', ARRAY['self']) AS t(node text);
 -- pool_query and parallel_query_rows take columns by position, so they keep every value too.
 SELECT * FROM peerpool.pool_query('SELECT 1, 2', 'self') AS t(a int, b int);
 

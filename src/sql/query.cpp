@@ -587,7 +587,7 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
             n.done = true;
             bool success = GetU8(c) != 0;
             n.elapsed_ms = GetF64(c);
-            char *state = GetStr(c);
+            char *state = GetText(c);
             char *error = GetText(c);
             char *detail = GetText(c);
             if (n.failed)
