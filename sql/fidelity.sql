@@ -75,6 +75,13 @@ SELECT result FROM peerpool.parallel_query($$SELECT 'NaN'::numeric AS nan, '-Inf
     1e-5::float8 AS small, 123456789012345678901234567890.5 AS big, 32767::int2 AS i2, 42::oid AS o$$,
     ARRAY['self']);
 
+-- Integers of every size (a short fast path, numeric_in beyond 18 digits) are the numbers jsonb makes.
+SELECT result = jsonb_build_array(jsonb_build_object('a', 0, 'b', -5, 'c', 123456789012345678,
+           'd', -123456789012345678, 'e', 9223372036854775807, 'f', -9223372036854775808, 'g', 4294967295)) AS same,
+       result
+  FROM peerpool.parallel_query($$SELECT 0 AS a, -5 AS b, 123456789012345678 AS c, -123456789012345678 AS d,
+           9223372036854775807 AS e, (-9223372036854775807 - 1)::int8 AS f, 4294967295::oid AS g$$, ARRAY['self']);
+
 -- parallel_query_rows: every node's rows, typed, the node name first.
 SELECT * FROM peerpool.parallel_query_rows(
     $$SELECT g, 'v' || g, g % 2 = 0, coalesce(current_setting('fidelity.twin', true), 'off')

@@ -32,6 +32,7 @@ extern "C" {
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 #include "utils/tuplestore.h"
 }
 
@@ -384,7 +385,23 @@ void FieldValue(const NodeResult &n, int k, const Field &f, JsonbValue &v)
     case INT2OID:
     case INT4OID:
     case INT8OID:
-    case OIDOID:
+    case OIDOID: {
+        // Up to 18 digits cannot overflow: skip numeric_in's parser (same value, same bytes).
+        const char *p = f.data + (f.len > 0 && f.data[0] == '-' ? 1 : 0);
+        int digits = static_cast<int>(f.data + f.len - p);
+        int64 value = 0;
+        bool plain = digits > 0 && digits <= 18;
+        for (int i = 0; plain && i < digits; i++) {
+            plain = p[i] >= '0' && p[i] <= '9';
+            value = value * 10 + (p[i] - '0');
+        }
+        if (plain) {
+            v.type = jbvNumeric;
+            v.val.numeric = int64_to_numeric(p == f.data ? value : -value);
+            break;
+        }
+        [[fallthrough]];
+    }
     case FLOAT4OID:
     case FLOAT8OID:
     case NUMERICOID: {
