@@ -514,6 +514,20 @@ def main():
     a("| detection: a killed peer leaves `healthy` within 0.5 s; a frozen one becomes `unhealthy` "
       "within `interval × threshold + timeout` | measured by the TAP test `t/003_health.pl` "
       "(its `note` lines print the times) | not part of `make bench` |")
+    large = lambda m: find(runs, phase="large", method=m)
+    lg_pq, lg_rows, lg_json = large("pool_query_300k"), large("parallel_query_rows"), large("parallel_query")
+    if lg_pq is not None:
+        r_rows = ratio(val(lg_rows, "p50_ms"), val(lg_pq, "p50_ms"))
+        r_json = ratio(val(lg_json, "p50_ms"), val(lg_pq, "p50_ms"))
+        bad = any(r is None or failed(r) for r in (lg_pq, lg_rows, lg_json))
+        a("| large results: `parallel_query_rows` over 3 nodes × 100k rows × 6 columns ≤ 1.2 × one "
+          "`pool_query` returning the same 300k rows (p50) | %s ms / %s ms = **%s** | %s |"
+          % (fmt_ms(val(lg_rows, "p50_ms")), fmt_ms(val(lg_pq, "p50_ms")), fmt_ratio(r_rows),
+             verdict(None if bad or r_rows is None else r_rows <= 1.2)))
+        a("| large results: `parallel_query` (jsonb) on the same work ≤ 2 × that (p50) "
+          "| %s ms / %s ms = **%s** | %s |"
+          % (fmt_ms(val(lg_json, "p50_ms")), fmt_ms(val(lg_pq, "p50_ms")), fmt_ratio(r_json),
+             verdict(None if bad or r_json is None else r_json <= 2)))
     if reg:
         add_ms = float(reg["add_ms"]) if reg.get("add_ms") else None
         view_runs = [find(runs, phase="registry100", view=v) for v in ("nodes", "node_health", "pool_stats", "events")]
@@ -664,6 +678,36 @@ def main():
       "calling backend turns each answer into jsonb), on CPUs shared with the peers. For one "
       "node, `parallel_query` costs a little more than `pool_query` because of that jsonb.")
     a("")
+
+    if lg_pq is not None:
+        a("## 3b. Large results")
+        a("")
+        a("Peers 1–3 each hold a table `big` of 100,000 rows × 6 columns (int, int, 32-character "
+          "text, timestamptz, boolean, numeric) and peer1 a table `big3` with those rows three "
+          "times. One client calls each statement %s times (after one warm-up call); times are "
+          "the median (p50) and the slowest call, in ms. The baseline is one `pool_query` "
+          "returning the same 300,000 rows from one node."
+          % env.get("large_calls", "?"))
+        a("")
+        a("| call | p50 ms | max ms | ÷ `pool_query` 300k | errors |")
+        a("|---|---:|---:|---:|---:|")
+        for label, m in (("`pool_query('SELECT * FROM big3', 'peer1')`, 300k rows", "pool_query_300k"),
+                         ("`parallel_query_rows('SELECT * FROM big')`, 3 × 100k rows", "parallel_query_rows"),
+                         ("`parallel_query('SELECT * FROM big')`, 3 × 100k rows as jsonb", "parallel_query"),
+                         ("`parallel_query('SELECT * FROM big')`, 1 × 100k rows as jsonb", "parallel_query_1")):
+            r = large(m)
+            a("| %s | %s | %s | %s | %s |"
+              % (label, fmt_ms(val(r, "p50_ms")), fmt_ms(val(r, "max_ms")),
+                 fmt_ratio(ratio(val(r, "p50_ms"), val(lg_pq, "p50_ms"))),
+                 "n/a" if r is None else r.get("errors", 0) + (1 if r.get("driver_failed") else 0)))
+        a("")
+        a("The calling backend converts each node's rows as they arrive, while the other nodes "
+          "are still sending: `parallel_query_rows` through the input functions of the column "
+          "definition list into a tuplestore, as `pool_query` does; `parallel_query` into one "
+          "binary `jsonb` object per row, assembled into each node's array at the end. What "
+          "`parallel_query` costs beyond that is memory traffic: the rows' binary form, the "
+          "array, and the tuplestore's copy of it, each touched once.")
+        a("")
 
     if reg:
         a("## 4. A registry of 100 nodes")

@@ -9,6 +9,8 @@
 #   2. the same five with 8 and 32 clients, with pool_query's pool capped at 4 connections,
 #      while the peer's pg_stat_activity is sampled every 50 ms;
 #   3. parallel_query fan-out over 1, 2, 5, 10, 20 nodes against pool_query to each node in turn;
+#   3b. large results: parallel_query_rows and parallel_query over 3 nodes x 100k rows x 6 columns
+#      against one pool_query returning the same 300k rows from one node;
 #   4. a registry of 100 nodes: the time to add one, and to read the views;
 #   5. when strace is installed: the system calls per pool_query call of the calling backend and
 #      of the pool manager (how many wake-ups a call costs);
@@ -20,8 +22,9 @@
 #
 # Knobs (environment): BENCH_SECONDS (measured window of each latency/throughput run, default 5;
 # the latency phase does 3 interleaved rounds of it),
-# BENCH_FANOUT_CALLS (calls per fan-out point, default 20), BENCH_PEERS (default 20; the fan-out
-# uses the node counts that fit).
+# BENCH_FANOUT_CALLS (calls per fan-out point, default 20), BENCH_LARGE_CALLS (calls per
+# large-result method, default 5), BENCH_PEERS (default 20; the fan-out uses the node counts
+# that fit).
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 . "$SRC/scripts/lib.sh"
@@ -29,6 +32,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_SECONDS=${BENCH_SECONDS:-5}
 BENCH_FANOUT_CALLS=${BENCH_FANOUT_CALLS:-20}
 BENCH_PEERS=${BENCH_PEERS:-20}
+BENCH_LARGE_CALLS=${BENCH_LARGE_CALLS:-5}
 LATENCY_ROUNDS=3          # phase 1 runs every method this many times, interleaved
 POOL_MAX=4                # max_connections of every node's pool (SPEC §9: pools of 4)
 DRIVER_TIMEOUT=180        # no single driver run may take longer (a hang is a finding)
@@ -260,6 +264,37 @@ for n in 1 2 5 10 20; do
     done
 done
 
+# Large results (SPEC §9): 3 nodes x 100k rows x 6 columns through parallel_query_rows and
+# parallel_query (jsonb), against one pool_query returning the same 300k rows from one node.
+if [ "$BENCH_PEERS" -ge 3 ]; then
+    say "3b/5 large results: 3 x 100k rows, $BENCH_LARGE_CALLS calls per method"
+    LARGE_TABLE="SELECT g AS id, g * 2 AS n2, md5(g::text) AS h, now() AS ts, g % 2 = 0 AS b,
+                        round(g::numeric / 7, 4) AS num FROM generate_series(1, 100000) g"
+    for i in 1 2 3; do
+        psql_at "${PORTS[$i]}" -q -c "CREATE TABLE big AS $LARGE_TABLE" \
+            -c "CREATE TABLE big3 AS SELECT big.* FROM big, generate_series(1, 3)" -c "VACUUM ANALYZE"
+    done
+    LARGE_COLS="id int, n2 int, h text, ts timestamptz, b boolean, num numeric"
+    run_driver "pool_query 300k rows" phase=large method=pool_query_300k -- \
+        --conninfo "$COORD" --clients 1 --iterations "$BENCH_LARGE_CALLS" --warmup 1 --expect 300000 \
+        --sql "SELECT count(*) FROM peerpool.pool_query('SELECT * FROM big3', 'peer1') AS t($LARGE_COLS)"
+    run_driver "parallel_query_rows 3 x 100k rows" phase=large method=parallel_query_rows -- \
+        --conninfo "$COORD" --clients 1 --iterations "$BENCH_LARGE_CALLS" --warmup 1 --expect 300000 \
+        --sql "SELECT count(*) FROM peerpool.parallel_query_rows('SELECT * FROM big',
+               ARRAY['peer1', 'peer2', 'peer3']) AS t(node text, $LARGE_COLS)"
+    run_driver "parallel_query 3 x 100k rows" phase=large method=parallel_query -- \
+        --conninfo "$COORD" --clients 1 --iterations "$BENCH_LARGE_CALLS" --warmup 1 --expect 300000 \
+        --sql "SELECT sum(jsonb_array_length(result)) FROM peerpool.parallel_query('SELECT * FROM big',
+               ARRAY['peer1', 'peer2', 'peer3'])"
+    run_driver "parallel_query 1 x 100k rows" phase=large method=parallel_query_1 -- \
+        --conninfo "$COORD" --clients 1 --iterations "$BENCH_LARGE_CALLS" --warmup 1 --expect 100000 \
+        --sql "SELECT sum(jsonb_array_length(result)) FROM peerpool.parallel_query('SELECT * FROM big',
+               ARRAY['peer1'])"
+    for i in 1 2 3; do
+        psql_at "${PORTS[$i]}" -q -c "DROP TABLE big, big3"
+    done
+fi
+
 say "4/5 a registry of 100 nodes: adding one, reading the views"
 EXTRA_SQL=$RESULTS/registry100.sql
 {
@@ -345,6 +380,7 @@ fi
     echo "pool_max=$POOL_MAX"
     echo "seconds_per_run=$BENCH_SECONDS"
     echo "fanout_calls=$BENCH_FANOUT_CALLS"
+    echo "large_calls=$BENCH_LARGE_CALLS"
     echo "pool_manager_pid_start=$PM_PID"
     echo "pool_manager_pid_end=$(psql_at "$COORD_PORT" -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_peerpool pool manager'")"
     echo "crashes=$(cat "$DIR"/*.log | grep -c -E 'terminated by signal|PANIC' || true)"

@@ -30,3 +30,15 @@ SELECT h.*, m.state <> 'running' AS stale
 REVOKE ALL ON FUNCTION peerpool._pool_manager() FROM PUBLIC;
 GRANT SELECT ON peerpool.pool_manager TO pg_monitor;
 GRANT EXECUTE ON FUNCTION peerpool._pool_manager() TO pg_monitor;
+
+-- Typed fan-out (issue 9): parallel_query_rows, superuser-only until granted (SPEC section 8).
+CREATE FUNCTION peerpool.parallel_query_rows(
+    sql        text,
+    nodes      text[]  DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL,
+    on_error   text    DEFAULT 'warning')
+RETURNS SETOF record
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'parallel_query_rows';
+REVOKE ALL ON FUNCTION peerpool.parallel_query_rows(text, text[], integer, text) FROM PUBLIC;

@@ -226,6 +226,18 @@ LANGUAGE C
 VOLATILE
 AS 'MODULE_PATHNAME', 'pool_query';
 
+-- Every node's rows, typed through a column definition list whose first column receives
+-- the node name (SPEC section 5).
+CREATE FUNCTION peerpool.parallel_query_rows(
+    sql        text,
+    nodes      text[]  DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL,
+    on_error   text    DEFAULT 'warning')
+RETURNS SETOF record
+LANGUAGE C
+VOLATILE
+AS 'MODULE_PATHNAME', 'parallel_query_rows';
+
 -- Exercises the C/C++ boundary from SQL (regression tests). Superuser only, like everything.
 CREATE FUNCTION peerpool._boundary_selftest(mode text)
 RETURNS bigint

@@ -41,6 +41,7 @@ SELECT peerpool.pool_reset_stats();
 SELECT * FROM peerpool.pool_check_health();
 SELECT * FROM peerpool.parallel_query('SELECT 1');
 SELECT * FROM peerpool.pool_query('SELECT 1') AS t(x int);
+SELECT * FROM peerpool.parallel_query_rows('SELECT 1') AS t(node text, x int);
 RESET ROLE;
 
 -- pg_monitor reads the views, with the password masked, but not the table.
@@ -53,6 +54,7 @@ SELECT count(*) >= 0 AS can_read FROM peerpool.events;
 SELECT peerpool.pool_reset_stats();
 SELECT * FROM peerpool.pool_check_health();
 SELECT * FROM peerpool.parallel_query('SELECT 1');
+SELECT * FROM peerpool.parallel_query_rows('SELECT 1') AS t(node text, x int);
 SELECT * FROM peerpool.node;
 SELECT peerpool.pool_remove_node('p1');
 RESET ROLE;

@@ -6,6 +6,7 @@
 #include "pg_peerpool/pg/guard.hpp"
 
 extern "C" {
+#include "mb/pg_wchar.h"
 #include "storage/fd.h"
 #include "storage/latch.h"
 #include "utils/timestamp.h"
@@ -50,6 +51,13 @@ ConnOptions ConnectionOptions(const std::string &conninfo, const std::string &ap
         options.emplace_back("keepalives_count", "3");
     if (!has("tcp_user_timeout"))
         options.emplace_back("tcp_user_timeout", std::to_string(tcp_user_timeout_ms));
+    // Like dblink and postgres_fdw: the peer converts everything to this database's encoding
+    // (or fails the query with 22P05), whatever the conninfo says. Requests carry their
+    // caller's encoding and are refused if it differs (request.cpp). Cannot error.
+    options.erase(std::remove_if(options.begin(), options.end(),
+                                 [](const auto &kv) { return kv.first == "client_encoding"; }),
+                  options.end());
+    options.emplace_back("client_encoding", GetDatabaseEncodingName());
     // Like postgres_fdw: values travel as text, so fix the formats that vary by setting.
     const char *formats = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3";
     auto opt = std::find_if(options.begin(), options.end(),

@@ -10,7 +10,7 @@ std::string EncodeRequest(const Request &r)
     w.U8(r.has_nodes ? 1 : 0).U32(static_cast<uint32_t>(r.nodes.size()));
     for (const std::string &n : r.nodes)
         w.Str(n);
-    w.Str(r.sql);
+    w.Str(r.sql).Str(r.encoding);
     return std::move(w.buffer());
 }
 
@@ -32,6 +32,7 @@ bool DecodeRequest(const char *data, size_t len, Request &out)
     for (uint32_t i = 0; i < n && !r.failed(); i++)
         out.nodes.push_back(r.Str());
     out.sql = r.Str();
+    out.encoding = r.Str();
     return !r.failed() && r.at_end();
 }
 

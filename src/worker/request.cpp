@@ -13,6 +13,7 @@
 #include "pg_peerpool/shmem.hpp"
 
 extern "C" {
+#include "mb/pg_wchar.h"
 #include "storage/proc.h"
 #include "storage/spin.h"
 #include "utils/elog.h"
@@ -172,6 +173,15 @@ void Request::Launch(TimestampTz now)
     if (request_.acquire_timeout_ms > 0)
         acquire_deadline_ = TimestampTzPlusMilliseconds(started_, request_.acquire_timeout_ms);
 
+    // Pooled connections use this database's encoding as client_encoding (connection.cpp):
+    // a caller in a database of another encoding would get bytes it cannot use.
+    if (request_.encoding != GetDatabaseEncodingName()) {
+        Fail(ERRCODE_FEATURE_NOT_SUPPORTED,
+             Format("this database's encoding %s differs from the pg_peerpool pool manager's %s",
+                    request_.encoding.c_str(), GetDatabaseEncodingName()),
+             "Call it from a database with the encoding of peerpool.database.");
+        return;
+    }
     std::vector<Node *> targets;
     if (request_.kind == protocol::REQUEST_KIND_PARALLEL) {
         if (request_.has_nodes) {

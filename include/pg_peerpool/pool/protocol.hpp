@@ -2,7 +2,7 @@
 //
 // Request (backend -> pool manager), one message:
 //   kind u8 | timeout_ms i32 | acquire_timeout_ms i32 | target str | has_nodes u8 |
-//   n u32 | node names str... | sql str
+//   n u32 | node names str... | sql str | encoding str
 // Response (pool manager -> backend), a stream of messages, each starting with a tag byte:
 //   'N' nodes:   n u32, names str...          (the targets, in result order)
 //   'C' columns: node u32, ncols u32, (type_oid u32, name str)...
@@ -35,6 +35,7 @@ struct Request {
     bool has_nodes = false;         // parallel_query: false = every enabled node
     std::vector<std::string> nodes;
     std::string sql;
+    std::string encoding; // the caller's database encoding (its name): rows come back in it
 };
 
 class Writer {
