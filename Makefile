@@ -37,7 +37,7 @@ SRCS = src/pg_peerpool.cpp \
        src/sql/selftest.cpp
 OBJS = $(SRCS:.cpp=.o)
 
-REGRESS = install registry pool query boundary privileges
+REGRESS = install registry pool query boundary privileges isolation
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=tmp_check_regress \
                --use-existing
 # The pool manager lives in peerpool.database (postgres): the tests run there too.

@@ -29,6 +29,18 @@ const char *kCheckSql =
     "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - "
     "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
 
+// The check must not depend on what callers left in the session (SPEC section 5), whatever
+// peerpool.reset_query is: it runs in the implicit transaction of its own query string, whose
+// first statements undo a caller's statement_timeout, lock_timeout, role, search_path and
+// default isolation level (serializable fails on a standby) until the string ends.
+std::string CheckSql()
+{
+    return Format("SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = 0; "
+                  "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; SET LOCAL ROLE NONE; "
+                  "SET LOCAL search_path = pg_catalog; %s",
+                  peerpool_health_check_timeout, kCheckSql);
+}
+
 constexpr int kTcpUserTimeoutMs = 10000;
 constexpr double kLatencySmoothing = 0.3; // weight of the newest sample in the moving average
 
@@ -81,6 +93,7 @@ Connection *Node::OpenConnection(TimestampTz now, bool for_check)
     }
     auto conn = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now,
                                              After(now, peerpool_connect_timeout));
+    conn->require_password = config_.password_required;
     if (!invalid.empty())
         conn->MarkBroken(invalid);
     Connection *raw = conn.get();
@@ -209,7 +222,8 @@ void Node::LogNotices(Connection *conn)
 
 void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
 {
-    bool conninfo_changed = config.conninfo != config_.conninfo;
+    bool conninfo_changed = config.conninfo != config_.conninfo ||
+                            config.password_required != config_.password_required;
     bool was_enabled = config_.enabled;
     config_ = config;
 
@@ -298,7 +312,7 @@ void Node::RunCheckOn(Connection *conn, TimestampTz now)
     check_phase_ = CHECK_RUNNING;
     check_conn_ = conn->id();
     check_started_ = now;
-    if (!conn->SendQuery(kCheckSql, now, check_deadline_))
+    if (!conn->SendQuery(CheckSql(), now, check_deadline_))
         HandleBrokenConnection(conn, now);
 }
 
@@ -522,6 +536,7 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
     auto job = jobs_.find(conn->id());
     bool cancel_helper = job != jobs_.end() && job->second.kind == JOB_CANCEL;
     std::string error = conn->error();
+    std::string sqlstate = conn->error_sqlstate();
     LogNotices(conn);
     CloseConnection(conn->id(), false);
     if (cancel_helper)
@@ -531,9 +546,9 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
         return;
     if (never_connected) {
         // A connection attempt failed (refused, authentication, timeout): a hard failure.
-        last_sqlstate_.clear();
+        last_sqlstate_ = sqlstate;
         if (was_check || Serving())
-            CheckFailed("could not connect: " + error, "", true, false, now);
+            CheckFailed("could not connect: " + error, sqlstate, true, false, now);
         return;
     }
     if (was_check) {
