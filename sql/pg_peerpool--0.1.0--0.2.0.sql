@@ -34,14 +34,14 @@ ALTER FUNCTION peerpool.pool_alter_node(text, text, integer, integer, text, inte
     SECURITY INVOKER;
 
 CREATE OR REPLACE VIEW peerpool.nodes AS
-SELECT node_name,
-       peerpool._mask_conninfo(conninfo) AS conninfo,
-       role,
-       weight,
-       min_connections,
-       max_connections,
-       enabled,
-       conninfo_owner,
-       NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r
-                      WHERE r.oid = conninfo_owner::oid), false) AS password_required
-  FROM peerpool.node;
+SELECT n.node_name,
+       peerpool._mask_conninfo(n.conninfo) AS conninfo,
+       n.role,
+       n.weight,
+       n.min_connections,
+       n.max_connections,
+       n.enabled,
+       n.conninfo_owner,
+       NOT coalesce(a.rolsuper, false) AS password_required
+  FROM peerpool.node n
+  LEFT JOIN pg_catalog.pg_authid a ON a.oid = n.conninfo_owner::oid;

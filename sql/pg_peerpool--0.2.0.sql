@@ -104,18 +104,20 @@ LANGUAGE C
 STRICT IMMUTABLE PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'peerpool_mask_conninfo';
 
+-- password_required: the owner of the conninfo is not a superuser now (a dropped owner: not
+-- one). The view reads pg_authid with its owner's rights and shows only rolsuper.
 CREATE VIEW peerpool.nodes AS
-SELECT node_name,
-       peerpool._mask_conninfo(conninfo) AS conninfo,
-       role,
-       weight,
-       min_connections,
-       max_connections,
-       enabled,
-       conninfo_owner,
-       NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r
-                      WHERE r.oid = conninfo_owner::oid), false) AS password_required
-  FROM peerpool.node;
+SELECT n.node_name,
+       peerpool._mask_conninfo(n.conninfo) AS conninfo,
+       n.role,
+       n.weight,
+       n.min_connections,
+       n.max_connections,
+       n.enabled,
+       n.conninfo_owner,
+       NOT coalesce(a.rolsuper, false) AS password_required
+  FROM peerpool.node n
+  LEFT JOIN pg_catalog.pg_authid a ON a.oid = n.conninfo_owner::oid;
 
 -- Live health from shared memory; readers take the registry LWLock in shared mode only.
 CREATE FUNCTION peerpool._node_health(
