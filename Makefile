@@ -42,7 +42,7 @@ SRCS = src/pg_peerpool.cpp \
        src/sql/pool_manager_status.cpp
 OBJS = $(SRCS:.cpp=.o)
 
-REGRESS = install registry pool query boundary privileges fidelity
+REGRESS = install registry pool query boundary privileges fidelity isolation
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=tmp_check_regress \
                --use-existing
 # The pool manager lives in peerpool.database (postgres): the tests run there too.

@@ -8,6 +8,8 @@
 #      postgres_fdw, and libpq straight to the peer;
 #   2. the same five with 8 and 32 clients, with pool_query's pool capped at 4 connections,
 #      while the peer's pg_stat_activity is sampled every 50 ms;
+#   2b. pool_query with the default peerpool.reset_query (DISCARD ALL) and with '' (1 client:
+#      p50; 8 and 32 clients: throughput), the cost of session hygiene;
 #   3. parallel_query fan-out over 1, 2, 5, 10, 20 nodes against pool_query to each node in turn;
 #   3b. large results: parallel_query_rows and parallel_query over 3 nodes x 100k rows x 6 columns
 #      against one pool_query returning the same 300k rows from one node;
@@ -17,8 +19,9 @@
 # writes raw results under bench/results/ and regenerates docs/benchmarks.md and its SVG plots
 # (bench/report.py), then stops every server it started.
 #
-# It uses the pg_peerpool already installed in the system's PostgreSQL 15 (`make install`,
-# `make test` or `make demo` put it there) and builds nothing else.
+# It uses the pg_peerpool already installed in the PostgreSQL 15 that PG_CONFIG names (default:
+# the system's, as in scripts/lib.sh; `make install`, `make test` or `make demo` put it there)
+# and builds nothing else.
 #
 # Knobs (environment): BENCH_SECONDS (measured window of each latency/throughput run, default 5;
 # the latency phase does 3 interleaved rounds of it),
@@ -240,6 +243,35 @@ for c in 8 32; do
 done
 psql_at "$COORD_PORT" -At -c "SELECT row_to_json(s) FROM peerpool.pool_stats s WHERE node_name = 'peer1'" \
     >"$RESULTS/pool_stats_peer1.json"
+
+# The cost of session hygiene (SPEC section 9): pool_query with the default reset_query
+# (DISCARD ALL after every call) against reset_query = '' (none), in the same run: one client
+# (p50, rounds interleaved between the two settings) and 8 and 32 clients (throughput).
+set_reset() { # default|none
+    if [ "$1" = none ]; then
+        psql_at "$COORD_PORT" -At -c "ALTER SYSTEM SET peerpool.reset_query = ''" >/dev/null
+    else
+        psql_at "$COORD_PORT" -At -c "ALTER SYSTEM RESET peerpool.reset_query" >/dev/null
+    fi
+    psql_at "$COORD_PORT" -At -c "SELECT pg_reload_conf()" >/dev/null
+    sleep 0.5 # the pool manager rereads its configuration at its next wake-up
+}
+run_reset() { # reset clients round
+    local sql="SELECT * FROM peerpool.pool_query('SELECT 1', 'peer1') AS t(x int)"
+    local latfile=latencies_reset_$1_c$2_r$3.txt
+    run_driver "pool_query reset=$1 x$2" phase=reset "reset=$1" "clients=$2" "round=$3" \
+        "latencies=$latfile" -- \
+        --conninfo "$COORD" --sql "$sql" --expect 1 --clients "$2" --duration "$BENCH_SECONDS" \
+        --warmup 50 --latencies "$RESULTS/$latfile"
+}
+say "2b/5 reset_query cost: pool_query with DISCARD ALL (default) and with reset_query = '', 1, 8 and 32 clients"
+for r in $(seq 1 "$LATENCY_ROUNDS"); do
+    for reset in default none; do set_reset "$reset"; run_reset "$reset" 1 "$r"; done
+done
+for c in 8 32; do
+    for reset in default none; do set_reset "$reset"; run_reset "$reset" "$c" 1; done
+done
+set_reset default
 
 say "3/5 fan-out: parallel_query vs pool_query to each node in turn, $BENCH_FANOUT_CALLS calls per point"
 node_array() { # n -> ARRAY['peer1',...,'peerN']

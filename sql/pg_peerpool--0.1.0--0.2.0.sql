@@ -42,3 +42,45 @@ LANGUAGE C
 VOLATILE
 AS 'MODULE_PATHNAME', 'parallel_query_rows';
 REVOKE ALL ON FUNCTION peerpool.parallel_query_rows(text, text[], integer, text) FROM PUBLIC;
+
+-- isolation: conninfo ownership and the password rule, registry bounds (issue 8)
+-- Existing nodes were registered through SECURITY DEFINER functions or by the owner's DML:
+-- they become owned by the extension's owner (a superuser), so they keep working as before.
+ALTER TABLE peerpool.node ADD COLUMN conninfo_owner regrole;
+UPDATE peerpool.node
+   SET conninfo_owner = (SELECT e.extowner FROM pg_catalog.pg_extension e
+                          WHERE e.extname = 'pg_peerpool')::regrole;
+ALTER TABLE peerpool.node ALTER COLUMN conninfo_owner SET NOT NULL;
+-- Out-of-bounds rows (SPEC section 2) fail the update here: fix them with pool_alter_node first.
+ALTER TABLE peerpool.node DROP CONSTRAINT node_max_connections_check,
+    ADD CONSTRAINT node_max_connections_check CHECK (max_connections BETWEEN 1 AND 1000);
+ALTER TABLE peerpool.node DROP CONSTRAINT node_weight_check,
+    ADD CONSTRAINT node_weight_check CHECK (weight BETWEEN 0 AND 1000000);
+
+CREATE FUNCTION peerpool._node_conninfo_owner()
+RETURNS trigger
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'peerpool_node_conninfo_owner';
+REVOKE ALL ON FUNCTION peerpool._node_conninfo_owner() FROM PUBLIC;
+
+CREATE TRIGGER node_conninfo_owner
+BEFORE INSERT OR UPDATE ON peerpool.node
+FOR EACH ROW EXECUTE FUNCTION peerpool._node_conninfo_owner();
+
+ALTER FUNCTION peerpool.pool_add_node(text, text, integer, integer, text, integer, boolean)
+    SECURITY INVOKER;
+ALTER FUNCTION peerpool.pool_alter_node(text, text, integer, integer, text, integer, boolean)
+    SECURITY INVOKER;
+
+CREATE OR REPLACE VIEW peerpool.nodes AS
+SELECT n.node_name,
+       peerpool._mask_conninfo(n.conninfo) AS conninfo,
+       n.role,
+       n.weight,
+       n.min_connections,
+       n.max_connections,
+       n.enabled,
+       n.conninfo_owner,
+       NOT coalesce(a.rolsuper, false) AS password_required
+  FROM peerpool.node n
+  LEFT JOIN pg_catalog.pg_authid a ON a.oid = n.conninfo_owner::oid;

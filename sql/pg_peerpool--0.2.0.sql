@@ -21,13 +21,17 @@ CREATE TABLE peerpool.node (
                     CHECK (node_name ~ '^[A-Za-z0-9_.-]{1,63}$'),
     conninfo        text        NOT NULL CHECK (btrim(conninfo) <> ''),
     min_connections integer     NOT NULL DEFAULT 1  CHECK (min_connections >= 0),
-    max_connections integer     NOT NULL DEFAULT 10 CHECK (max_connections >= 1),
+    max_connections integer     NOT NULL DEFAULT 10
+                    CHECK (max_connections BETWEEN 1 AND 1000),
     role            text        NOT NULL DEFAULT 'auto'
                     CHECK (role IN ('auto', 'primary', 'standby')),
-    weight          integer     NOT NULL DEFAULT 100 CHECK (weight >= 0),
+    weight          integer     NOT NULL DEFAULT 100 CHECK (weight BETWEEN 0 AND 1000000),
     enabled         boolean     NOT NULL DEFAULT true,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- The role that set the current conninfo (trigger node_conninfo_owner). Unless it is a
+    -- superuser, every connection must authenticate with the conninfo's password.
+    conninfo_owner  regrole     NOT NULL,
     CHECK (min_connections <= max_connections)
 );
 REVOKE ALL ON peerpool.node FROM PUBLIC;
@@ -44,8 +48,22 @@ CREATE TRIGGER node_changed
 AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON peerpool.node
 FOR EACH STATEMENT EXECUTE FUNCTION peerpool._node_changed();
 
--- Registry functions. SECURITY DEFINER so that GRANT EXECUTE is all an admin needs to hand out;
--- the search_path is pinned and the C code names every object schema-qualified.
+-- Records who set each row's conninfo: the role calling pool_add_node/pool_alter_node, or the
+-- role doing direct DML (a superuser may name another owner, e.g. when restoring a dump).
+CREATE FUNCTION peerpool._node_conninfo_owner()
+RETURNS trigger
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'peerpool_node_conninfo_owner';
+
+CREATE TRIGGER node_conninfo_owner
+BEFORE INSERT OR UPDATE ON peerpool.node
+FOR EACH ROW EXECUTE FUNCTION peerpool._node_conninfo_owner();
+
+-- Registry functions: GRANT EXECUTE is all an admin needs to hand out. pool_add_node and
+-- pool_alter_node are SECURITY INVOKER so that they know the calling role (it becomes the
+-- conninfo's owner); they write the owner-only table as its owner from C. pool_remove_node is
+-- SECURITY DEFINER. The search_path is pinned and the C code names every object
+-- schema-qualified.
 CREATE FUNCTION peerpool.pool_add_node(
     node_name       text,
     conninfo        text,
@@ -56,7 +74,6 @@ CREATE FUNCTION peerpool.pool_add_node(
     enabled         boolean DEFAULT true)
 RETURNS void
 LANGUAGE C
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pool_add_node';
 
@@ -70,7 +87,6 @@ CREATE FUNCTION peerpool.pool_alter_node(
     enabled         boolean DEFAULT NULL)
 RETURNS void
 LANGUAGE C
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pool_alter_node';
 
@@ -88,15 +104,20 @@ LANGUAGE C
 STRICT IMMUTABLE PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'peerpool_mask_conninfo';
 
+-- password_required: the owner of the conninfo is not a superuser now (a dropped owner: not
+-- one). The view reads pg_authid with its owner's rights and shows only rolsuper.
 CREATE VIEW peerpool.nodes AS
-SELECT node_name,
-       peerpool._mask_conninfo(conninfo) AS conninfo,
-       role,
-       weight,
-       min_connections,
-       max_connections,
-       enabled
-  FROM peerpool.node;
+SELECT n.node_name,
+       peerpool._mask_conninfo(n.conninfo) AS conninfo,
+       n.role,
+       n.weight,
+       n.min_connections,
+       n.max_connections,
+       n.enabled,
+       n.conninfo_owner,
+       NOT coalesce(a.rolsuper, false) AS password_required
+  FROM peerpool.node n
+  LEFT JOIN pg_catalog.pg_authid a ON a.oid = n.conninfo_owner::oid;
 
 -- Live health from shared memory; readers take the registry LWLock in shared mode only.
 CREATE FUNCTION peerpool._node_health(

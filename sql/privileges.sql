@@ -59,21 +59,25 @@ SELECT * FROM peerpool.node;
 SELECT peerpool.pool_remove_node('p1');
 RESET ROLE;
 
--- GRANT EXECUTE is all an admin needs to hand out (the functions are SECURITY DEFINER
--- with a pinned search_path); the table stays closed to the grantee.
+-- GRANT EXECUTE is all an admin needs to hand out (pool_add_node and pool_alter_node write
+-- the table as its owner, pool_remove_node is SECURITY DEFINER, all with a pinned
+-- search_path); the table stays closed to the grantee. A non-superuser's conninfo must carry
+-- a password (the password rule: sql/isolation.sql).
 GRANT USAGE ON SCHEMA peerpool TO peerpool_admin;
 GRANT EXECUTE ON FUNCTION peerpool.pool_add_node(text, text, integer, integer, text, integer, boolean),
                           peerpool.pool_remove_node(text)
    TO peerpool_admin;
 SET ROLE peerpool_admin;
 SELECT peerpool.pool_add_node('p2', 'host=127.0.0.1');
+SELECT peerpool.pool_add_node('p2', 'host=127.0.0.1 password=pw');
 SELECT peerpool.pool_remove_node('p2');
 SELECT peerpool.pool_alter_node('p1', weight => 1);
 SELECT * FROM peerpool.node;
 RESET ROLE;
 
 SELECT proname, prosecdef, proconfig FROM pg_proc
- WHERE pronamespace = 'peerpool'::regnamespace AND prosecdef ORDER BY proname;
+ WHERE pronamespace = 'peerpool'::regnamespace AND (prosecdef OR proconfig IS NOT NULL)
+ ORDER BY proname;
 
 SELECT peerpool.pool_remove_node('p1');
 REVOKE ALL ON FUNCTION peerpool.pool_add_node(text, text, integer, integer, text, integer, boolean),

@@ -67,7 +67,8 @@ SELECT peerpool.pool_add_node('n.3_x-y', 'host=/var/run/postgresql port=5435', r
 SELECT peerpool.pool_add_node('n1', 'host=127.0.0.1');
 
 -- Passwords are masked in peerpool.nodes (and only there is the conninfo visible).
-SELECT * FROM peerpool.nodes ORDER BY node_name;
+SELECT node_name, conninfo, role, weight, min_connections, max_connections, enabled, password_required
+  FROM peerpool.nodes ORDER BY node_name;
 SELECT count(*) AS views_leaking_passwords FROM peerpool.nodes
  WHERE conninfo LIKE '%s3cret%' OR conninfo LIKE '%hunter2%';
 

@@ -2,9 +2,15 @@
 #include "pg_peerpool/guc.hpp"
 
 #include <climits>
+#include <cstdlib>
+
+#include "pg_peerpool/pg/guard.hpp"
 
 extern "C" {
 #include "postgres.h"
+#include "access/parallel.h"
+#include "access/xact.h"
+#include "miscadmin.h"
 #include "utils/guc.h"
 }
 
@@ -31,6 +37,7 @@ int peerpool_drain_timeout = 10000;
 char *peerpool_application_name = nullptr;
 char *peerpool_reset_query = nullptr;
 int peerpool_max_total_connections = 0;
+bool peerpool_notify_reason = true;
 
 namespace peerpool {
 
@@ -42,6 +49,90 @@ static const struct config_enum_entry load_balance_options[] = {
     {"random", LOAD_BALANCE_RANDOM, false},
     {nullptr, 0, false},
 };
+
+// ---- peerpool.query_timeout: a ceiling that only superusers may raise (SPEC section 5) ----
+//
+// The limit is the value last applied from a trusted source: the server's configuration
+// (postgresql.conf, ALTER SYSTEM, the command line) or a SET by a superuser. Anything else --
+// a non-superuser's SET or set_config(), PGOPTIONS, ALTER ROLE/DATABASE ... SET (a role may set
+// those for itself) -- may lower the timeout but not raise it above the limit or disable it.
+// The check hook knows the source; the assign hook records a trusted value as the new limit
+// when it is applied (also when a rollback or RESET brings an earlier trusted value back), so
+// a value that was only validated (ALTER SYSTEM, ALTER ROLE) never moves the limit.
+
+static int query_timeout_limit = 30000; // 0: no limit (a superuser disabled the timeout)
+
+struct QueryTimeoutExtra {
+    bool trusted;
+};
+
+static bool TrustedSource(GucSource source)
+{
+    switch (source) {
+    case PGC_S_DEFAULT:
+    case PGC_S_DYNAMIC_DEFAULT:
+    case PGC_S_ENV_VAR:
+    case PGC_S_FILE:
+    case PGC_S_ARGV:
+    case PGC_S_GLOBAL:
+    case PGC_S_OVERRIDE:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static bool AboveLimit(int value, int limit) { return limit > 0 && (value == 0 || value > limit); }
+
+// GUC check hook (called by guc.c, C only: it reports through GUC_check_* and returns false).
+static bool CheckQueryTimeout(int *newval, void **extra, GucSource source)
+{
+    // A parallel worker restores the leader's values, which the leader already checked.
+    bool trusted = TrustedSource(source) || InitializingParallelWorker ||
+                   (IsTransactionState() && superuser());
+    if (!trusted && AboveLimit(*newval, query_timeout_limit)) {
+        GUC_check_errcode(ERRCODE_INSUFFICIENT_PRIVILEGE);
+        GUC_check_errmsg("permission denied to raise \"peerpool.query_timeout\"");
+        if (*newval == 0)
+            GUC_check_errdetail("0 would disable the timeout; a superuser set it to %d ms.",
+                                query_timeout_limit);
+        else
+            GUC_check_errdetail("%d ms is above the %d ms a superuser set.", *newval,
+                                query_timeout_limit);
+        GUC_check_errhint("Any role may lower peerpool.query_timeout; only a superuser may raise "
+                          "or disable it.");
+        return false;
+    }
+    auto *e = static_cast<QueryTimeoutExtra *>(malloc(sizeof(QueryTimeoutExtra)));
+    if (e == nullptr)
+        return false; // guc.c reports out of memory
+    e->trusted = trusted;
+    *extra = e;
+    return true;
+}
+
+static void AssignQueryTimeout(int newval, void *extra)
+{
+    if (extra != nullptr && static_cast<QueryTimeoutExtra *>(extra)->trusted)
+        query_timeout_limit = newval;
+}
+
+int AllowedQueryTimeout(int requested, bool explicit_arg)
+{
+    if (!AboveLimit(requested, query_timeout_limit) || pg::Call([] { return superuser(); }))
+        return requested;
+    if (!explicit_arg) // SET before a reload lowered the limit: the limit wins
+        return query_timeout_limit;
+    throw Error(ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied to raise the query timeout",
+                requested == 0
+                    ? Format("timeout_ms => 0 would disable the timeout; a superuser set "
+                             "peerpool.query_timeout to %d ms.",
+                             query_timeout_limit)
+                    : Format("timeout_ms => %d is above the %d ms a superuser set in "
+                             "peerpool.query_timeout.",
+                             requested, query_timeout_limit),
+                "Any role may lower the timeout; only a superuser may raise or disable it.");
+}
 
 static void DefineMs(const char *name, const char *desc, int *var, int boot, int min,
                      GucContext context = PGC_SIGHUP)
@@ -75,9 +166,12 @@ void DefineGucs()
                             nullptr, nullptr, nullptr);
     DefineMs("peerpool.connect_timeout", "Deadline for opening one connection to a node.",
              &peerpool_connect_timeout, 5000, 10);
-    DefineMs("peerpool.query_timeout",
-             "Default per-node deadline of pool_query and parallel_query (0 disables).",
-             &peerpool_query_timeout, 30000, 0, PGC_USERSET);
+    DefineCustomIntVariable("peerpool.query_timeout",
+                            "Default per-node deadline of pool_query and parallel_query (0 "
+                            "disables).",
+                            "Any role may lower it; only superusers may raise or disable it.",
+                            &peerpool_query_timeout, 30000, 0, INT_MAX, PGC_USERSET, GUC_UNIT_MS,
+                            CheckQueryTimeout, AssignQueryTimeout, nullptr);
     DefineMs("peerpool.acquire_timeout",
              "How long a caller waits for a connection of a full pool.",
              &peerpool_acquire_timeout, 30000, 0, PGC_USERSET);
@@ -114,9 +208,15 @@ void DefineGucs()
                                &peerpool_application_name, "pg_peerpool", PGC_SIGHUP, 0, nullptr,
                                nullptr, nullptr);
     DefineCustomStringVariable("peerpool.reset_query",
-                               "SQL run on a connection when it returns to the pool (empty: none).",
-                               nullptr, &peerpool_reset_query, "", PGC_SIGHUP, 0, nullptr,
+                               "SQL run on a connection after each caller's query (empty: none).",
+                               nullptr, &peerpool_reset_query, "DISCARD ALL", PGC_SIGHUP, 0, nullptr,
                                nullptr, nullptr);
+    DefineCustomBoolVariable("peerpool.notify_reason",
+                             "Include the reason (host names, libpq errors) in the payload of "
+                             "NOTIFY peerpool_events.",
+                             "Any role that can connect to the database may LISTEN.",
+                             &peerpool_notify_reason, true, PGC_SIGHUP, 0, nullptr, nullptr,
+                             nullptr);
     DefineCustomIntVariable("peerpool.max_total_connections",
                             "Cap on connections across all nodes (0: only per-node caps).",
                             nullptr, &peerpool_max_total_connections, 0, 0, 100000,

@@ -13,6 +13,12 @@ enum LoadBalance {
 
 void DefineGucs();
 
+// The per-node timeout a call may use (SPEC section 5): `requested` is the call's timeout_ms
+// (explicit_arg) or the session's peerpool.query_timeout. Non-superusers cannot go above the
+// limit a superuser configured, nor to 0: an explicit timeout_ms throws Error(42501); a
+// session value (above the limit only after a reload lowered it) is clamped.
+int AllowedQueryTimeout(int requested, bool explicit_arg);
+
 } // namespace peerpool
 
 // Plain C variables so the GUC machinery can own them (they are written by guc.c).
@@ -40,4 +46,5 @@ extern int peerpool_drain_timeout;
 extern char *peerpool_application_name;
 extern char *peerpool_reset_query;
 extern int peerpool_max_total_connections;
+extern bool peerpool_notify_reason;
 }

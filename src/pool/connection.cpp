@@ -198,6 +198,19 @@ bool Connection::OnSocketReady()
         poll_calls_++;
         poll_ = PQconnectPoll(conn_);
         if (poll_ == PGRES_POLLING_OK) {
+            // Checked on the server actually reached: with several hosts, libpq may have
+            // fallen through to one that did not ask for the password (CVE-2018-10915).
+            if (require_password && !PQconnectionUsedPassword(conn_)) {
+                PQfinish(conn_);
+                conn_ = nullptr;
+                error_sqlstate_ = "28000";
+                MarkBroken("password is required: the server did not authenticate this "
+                           "connection with the conninfo's password, and the node's conninfo "
+                           "was set by a role that is not a superuser. HINT: Have the server "
+                           "require password authentication (e.g. scram-sha-256) for this "
+                           "user, or have a superuser set the conninfo.");
+                return true;
+            }
             if (PQsetnonblocking(conn_, 1) != 0) {
                 MarkBroken(OneLine(PQerrorMessage(conn_)));
                 return true;

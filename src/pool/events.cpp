@@ -3,6 +3,7 @@
 
 #include <ctime>
 
+#include "pg_peerpool/guc.hpp"
 #include "pg_peerpool/pg/guard.hpp"
 
 extern "C" {
@@ -90,7 +91,10 @@ void EventLog::Record(const std::string &node, NodeState from, NodeState to,
     std::string payload = "{\"node_name\": " + JsonString(node) +
                           ", \"from\": " + JsonString(NodeStateName(from)) +
                           ", \"to\": " + JsonString(NodeStateName(to)) +
-                          ", \"reason\": " + JsonString(std::string(e_reason)) +
+                          // peerpool.notify_reason = off: LISTENers learn no host or error
+                          (peerpool_notify_reason
+                               ? ", \"reason\": " + JsonString(std::string(e_reason))
+                               : std::string()) +
                           ", \"at\": " + JsonString(FormatTimestampUtc(at)) + "}";
     // Bounded: a worker that cannot notify (e.g. a hot standby coordinator) keeps the newest.
     if (pending_.size() >= kMaxPendingNotifications)

@@ -29,6 +29,18 @@ const char *kCheckSql =
     "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - "
     "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
 
+// The check must not depend on what callers left in the session (SPEC section 5), whatever
+// peerpool.reset_query is: it runs in the implicit transaction of its own query string, whose
+// first statements undo a caller's statement_timeout, lock_timeout, role, search_path and
+// default isolation level (serializable fails on a standby) until the string ends.
+std::string CheckSql()
+{
+    return Format("SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = 0; "
+                  "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; SET LOCAL ROLE NONE; "
+                  "SET LOCAL search_path = pg_catalog; %s",
+                  peerpool_health_check_timeout, kCheckSql);
+}
+
 constexpr int kTcpUserTimeoutMs = 10000;
 constexpr double kLatencySmoothing = 0.3; // weight of the newest sample in the moving average
 // A check or a growth connection that a local limit (the fleet budget, our descriptors) or the
@@ -111,6 +123,7 @@ Connection *Node::OpenConnection(TimestampTz now, bool for_check)
         conn = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now, deadline);
     else
         conn = std::make_unique<Connection>(fleet_.NextConnectionId(), now, deadline, ConnOptions());
+    conn->require_password = config_.password_required;
     if (!invalid.empty())
         conn->MarkBroken(invalid);
     else if (resolved == RESOLVE_FAILED)
@@ -257,7 +270,8 @@ void Node::LogNotices(Connection *conn)
 
 void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
 {
-    bool conninfo_changed = config.conninfo != config_.conninfo;
+    bool conninfo_changed = config.conninfo != config_.conninfo ||
+                            config.password_required != config_.password_required;
     bool was_enabled = config_.enabled;
     config_ = config;
 
@@ -343,7 +357,7 @@ void Node::RunCheckOn(Connection *conn, TimestampTz now)
     check_phase_ = CHECK_RUNNING;
     check_conn_ = conn->id();
     check_started_ = now;
-    if (!conn->SendQuery(kCheckSql, now, check_deadline_))
+    if (!conn->SendQuery(CheckSql(), now, check_deadline_))
         HandleBrokenConnection(conn, now);
 }
 
@@ -566,6 +580,7 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
     auto job = jobs_.find(conn->id());
     bool cancel_helper = job != jobs_.end() && job->second.kind == JOB_CANCEL;
     std::string error = conn->error();
+    std::string sqlstate = conn->error_sqlstate();
     LogNotices(conn);
     CloseConnection(conn->id(), false);
     if (cancel_helper)
@@ -588,12 +603,12 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
         }
         // A connection attempt failed (refused, authentication, timeout): a hard failure when
         // it was the check's, or the node's only way to serve.
-        last_sqlstate_.clear();
+        last_sqlstate_ = sqlstate;
         if (was_check || (Serving() && ConnectionCount(CONN_STATE_IDLE) +
                                                ConnectionCount(CONN_STATE_BUSY) +
                                                ConnectionCount(CONN_STATE_CHECKING) ==
                                            0))
-            CheckFailed("could not connect: " + error, "", true, false, now);
+            CheckFailed("could not connect: " + error, sqlstate, true, false, now);
         else if (Serving()) {
             // A growth connection failed while others serve: let a check decide, now.
             growth_blocked_until_ = After(now, kGrowthRetryMs);

@@ -38,9 +38,23 @@ void ValidateNodeConfig(const NodeConfig &config)
         throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "conninfo must not be empty",
                     "An empty connection string would connect to the local server with "
                     "libpq's defaults.");
-    ParseConninfo(config.conninfo);
-    if (config.max_connections < 1)
-        throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "max_connections must be at least 1",
+    ConnOptions options = ParseConninfo(config.conninfo);
+    if (ConninfoSetsNothing(options))
+        throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "conninfo must not be empty",
+                    "The connection string sets no option.",
+                    "An empty connection string would connect to the local server with "
+                    "libpq's defaults.");
+    // Never quote the URI: the misread part is a password.
+    if (UriMisread(config.conninfo, options))
+        throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "invalid conninfo",
+                    "libpq would read part of this URI's user name or password as a host, port "
+                    "or database name.",
+                    "Percent-encode reserved characters in a URI's user name, password and "
+                    "database name (\"/\" as %2F, \"@\" as %40, \"?\" as %3F, \"#\" as %23, "
+                    "\":\" as %3A), or use a keyword/value string.");
+    if (config.max_connections < 1 || config.max_connections > kMaxConnectionsLimit)
+        throw Error(ERRCODE_INVALID_PARAMETER_VALUE,
+                    Format("max_connections must be between 1 and %d", kMaxConnectionsLimit),
                     Format("max_connections is %d.", config.max_connections));
     if (config.min_connections < 0)
         throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "min_connections must not be negative",
@@ -50,9 +64,27 @@ void ValidateNodeConfig(const NodeConfig &config)
                     "min_connections must not exceed max_connections",
                     Format("min_connections is %d and max_connections is %d.",
                            config.min_connections, config.max_connections));
-    if (config.weight < 0)
-        throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "weight must not be negative",
+    if (config.weight < 0 || config.weight > kWeightLimit)
+        throw Error(ERRCODE_INVALID_PARAMETER_VALUE,
+                    Format("weight must be between 0 and %d", kWeightLimit),
                     Format("weight is %d.", config.weight));
+}
+
+void ValidatePasswordRule(const std::string &conninfo)
+{
+    std::string keyword = PasswordRuleViolation(ParseConninfo(conninfo));
+    if (keyword.empty())
+        return;
+    std::string detail =
+        keyword == "password"
+            ? "Non-superusers must provide a password in the connection string."
+            : Format("Non-superusers may not use the connection option \"%s\": it would "
+                     "authenticate with the server's own files.",
+                     keyword.c_str());
+    throw Error(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION, "password is required", detail,
+                "A node whose conninfo a non-superuser sets must authenticate with the "
+                "password written in it; a superuser may register nodes that use trust, peer, "
+                "a password file, a service file or certificates.");
 }
 
 } // namespace peerpool

@@ -1023,12 +1023,12 @@ std::string TextArg(FunctionCallInfo fcinfo, int n, const char *what)
 int TimeoutArg(FunctionCallInfo fcinfo, int n)
 {
     if (PG_ARGISNULL(n))
-        return peerpool_query_timeout;
+        return AllowedQueryTimeout(peerpool_query_timeout, false);
     int v = PG_GETARG_INT32(n);
     if (v < 0)
         throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "timeout_ms must not be negative",
                     Format("timeout_ms is %d; 0 means no timeout.", v));
-    return v;
+    return AllowedQueryTimeout(v, true);
 }
 
 struct ArrayItems {

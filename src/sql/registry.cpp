@@ -1,8 +1,17 @@
-// pool_add_node, pool_alter_node, pool_remove_node (SPEC section 2).
+// pool_add_node, pool_alter_node, pool_remove_node (SPEC section 2), and the trigger that
+// records which role set each node's conninfo.
 //
 // Arguments are validated in C++ first (22023); then short C-style SPI routines, run through
 // pg::Call, touch peerpool.node. The table's trigger asks the pool manager to reload at commit,
 // so a rolled-back call leaves nothing behind anywhere.
+//
+// Ownership (SPEC section 2, the password rule of postgres_fdw and dblink): pool_add_node and
+// pool_alter_node are SECURITY INVOKER so that GetUserId() is the role whose privileges made
+// the call -- after SET ROLE, and inside any SECURITY DEFINER function that calls them. That
+// role is recorded in peerpool.node.conninfo_owner; a non-superuser's conninfo must carry a
+// password. The table itself is owner-only, so the SPI work runs as the table's owner
+// (SetUserIdAndSecContext with SECURITY_RESTRICTED_OPERATION, as REFRESH MATERIALIZED VIEW
+// does).
 #include <optional>
 
 #include "pg_peerpool/guc.hpp"
@@ -11,9 +20,17 @@
 #include "pg_peerpool/shmem.hpp"
 
 extern "C" {
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
 }
 
 namespace peerpool {
@@ -51,6 +68,78 @@ template <typename T> T Required(const std::optional<T> &value, const char *name
 }
 
 const char *RoleText(NodeRole role) { return NodeRoleName(role); }
+
+// The role the row trigger records as conninfo_owner while one of our functions writes the
+// row (the table owner runs the SPI, so GetUserId() in the trigger is not the caller).
+// InvalidOid otherwise; reset in PG_FINALLY, so an error cannot leave it set.
+Oid pending_conninfo_owner = InvalidOid;
+
+// Who may do what to peerpool.node, read once per call. PostgreSQL calls only.
+struct RegistryAccess {
+    Oid owner;              // the table's owner: runs the SPI work
+    bool has_owner_column;  // false: the 0.1.0 schema (ALTER EXTENSION ... UPDATE pending)
+};
+
+RegistryAccess LookupRegistry()
+{
+    RegistryAccess out{InvalidOid, false};
+    Oid relid = get_relname_relid("node", get_namespace_oid("peerpool", false));
+    HeapTuple tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+    if (!HeapTupleIsValid(tuple))
+        elog(ERROR, "peerpool.node not found");
+    out.owner = ((Form_pg_class)GETSTRUCT(tuple))->relowner;
+    ReleaseSysCache(tuple);
+    out.has_owner_column = get_attnum(relid, "conninfo_owner") != InvalidAttrNumber;
+    return out;
+}
+
+// Runs fn(arg) -- SPI routines below -- as the table's owner; `record_owner` is what the row
+// trigger stores as conninfo_owner if the row is written (InvalidOid: the trigger decides).
+void RunAsRegistryOwner(Oid table_owner, Oid record_owner, void (*fn)(void *), void *arg)
+{
+    Oid save_user;
+    int save_sec;
+    GetUserIdAndSecContext(&save_user, &save_sec);
+    SetUserIdAndSecContext(table_owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+                                            SECURITY_RESTRICTED_OPERATION);
+    pending_conninfo_owner = record_owner;
+    PG_TRY();
+    {
+        fn(arg);
+    }
+    PG_FINALLY();
+    {
+        pending_conninfo_owner = InvalidOid;
+        SetUserIdAndSecContext(save_user, save_sec);
+    }
+    PG_END_TRY();
+}
+
+// The caller, and whether the password rule applies to the conninfo it sets.
+struct Caller {
+    Oid role;
+    bool superuser;
+};
+
+Caller IdentifyCaller(const RegistryAccess &access)
+{
+    Caller c{GetUserId(), false};
+    if (access.has_owner_column) {
+        c.superuser = superuser_arg(c.role);
+    } else {
+        // The 0.1.0 definitions are SECURITY DEFINER: GetUserId() is their owner, not the
+        // caller. Only a session whose own role is a superuser may use them until the
+        // extension is updated (the update records existing nodes as superuser-owned).
+        if (!superuser_arg(GetOuterUserId()))
+            ereport(ERROR,
+                    (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                     errmsg("pg_peerpool's catalog is older than its library"),
+                     errdetail("Until the update, only superusers may change the registry."),
+                     errhint("Run ALTER EXTENSION pg_peerpool UPDATE.")));
+        c.superuser = true;
+    }
+    return c;
+}
 
 // The row as read for pool_alter_node, in the caller's memory context.
 struct NodeRow {
@@ -194,6 +283,64 @@ bool RemoveNodeSpi(const char *name)
                 "", "The registered nodes are listed in peerpool.nodes.");
 }
 
+// Runs f() -- PostgreSQL calls only -- as the table's owner, recording `record_owner`.
+template <typename F> void AsRegistryOwner(const RegistryAccess &access, Oid record_owner, F &&f)
+{
+    using Fn = std::remove_reference_t<F>;
+    pg::Call([&] {
+        RunAsRegistryOwner(
+            access.owner, record_owner, [](void *p) { (*static_cast<Fn *>(p))(); },
+            static_cast<void *>(&f));
+    });
+}
+
+// BEFORE INSERT OR UPDATE row trigger body: sets NEW.conninfo_owner. PostgreSQL calls only.
+Datum SetConninfoOwner(FunctionCallInfo fcinfo)
+{
+    if (!CALLED_AS_TRIGGER(fcinfo))
+        elog(ERROR, "peerpool._node_conninfo_owner() must be called as a trigger");
+    TriggerData *trigdata = (TriggerData *)fcinfo->context;
+    if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+        elog(ERROR, "peerpool._node_conninfo_owner() must be a BEFORE ROW trigger");
+    bool is_update = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event);
+    HeapTuple tuple = is_update ? trigdata->tg_newtuple : trigdata->tg_trigtuple;
+    TupleDesc desc = trigdata->tg_relation->rd_att;
+    int owner_col = SPI_fnumber(desc, "conninfo_owner");
+    int conninfo_col = SPI_fnumber(desc, "conninfo");
+    if (owner_col <= 0 || conninfo_col <= 0)
+        elog(ERROR, "peerpool.node has no conninfo or conninfo_owner column");
+
+    Oid acting = GetUserId();
+    bool isnull = false;
+    Datum given = heap_getattr(tuple, owner_col, desc, &isnull);
+    Oid owner;
+    if (OidIsValid(pending_conninfo_owner)) {
+        owner = pending_conninfo_owner; // pool_add_node / pool_alter_node with a conninfo
+    } else if (!is_update) {
+        // Direct INSERT (or a restore): a superuser may state the owner; anyone else owns it.
+        owner = !isnull && superuser_arg(acting) ? DatumGetObjectId(given) : acting;
+    } else {
+        HeapTuple old = trigdata->tg_trigtuple;
+        bool old_null = false, new_null = false;
+        Datum old_conninfo = heap_getattr(old, conninfo_col, desc, &old_null);
+        Datum new_conninfo = heap_getattr(tuple, conninfo_col, desc, &new_null);
+        Datum old_owner = heap_getattr(old, owner_col, desc, &old_null);
+        bool conninfo_same = !new_null && !old_null &&
+                             datumIsEqual(old_conninfo, new_conninfo, false, -1);
+        bool owner_same = !isnull && !old_null &&
+                          DatumGetObjectId(old_owner) == DatumGetObjectId(given);
+        if (conninfo_same && owner_same)
+            return PointerGetDatum(tuple); // the conninfo was not set: its owner stays
+        // Whoever sets the conninfo owns it; only a superuser may name another owner.
+        owner = !owner_same && !isnull && superuser_arg(acting) ? DatumGetObjectId(given)
+                                                               : acting;
+    }
+    Datum value = ObjectIdGetDatum(owner);
+    bool value_null = false;
+    int cols[1] = {owner_col};
+    return PointerGetDatum(heap_modify_tuple_by_cols(tuple, desc, 1, cols, &value, &value_null));
+}
+
 } // namespace
 
 // --- SQL-callable bodies -------------------------------------------------------------------
@@ -210,8 +357,12 @@ static Datum PoolAddNode(FunctionCallInfo fcinfo)
     config.weight = Required(IntArg(fcinfo, 5), "weight");
     config.enabled = Required(BoolArg(fcinfo, 6), "enabled");
     ValidateNodeConfig(config);
+    RegistryAccess access = pg::Call([] { return LookupRegistry(); });
+    Caller caller = pg::Call([&] { return IdentifyCaller(access); });
+    if (!caller.superuser)
+        ValidatePasswordRule(config.conninfo);
 
-    pg::Call([&] {
+    AsRegistryOwner(access, caller.role, [&] {
         AddNodeSpi(config.name.c_str(), config.conninfo.c_str(), config.min_connections,
                    config.max_connections, RoleText(config.role), config.weight, config.enabled);
     });
@@ -228,8 +379,11 @@ static Datum PoolAlterNode(FunctionCallInfo fcinfo)
     std::optional<std::string> role = TextArg(fcinfo, 4);
     if (role)
         ParseRole(*role);
+    RegistryAccess access = pg::Call([] { return LookupRegistry(); });
+    Caller caller = pg::Call([&] { return IdentifyCaller(access); });
 
-    NodeRow row = pg::Call([&] { return ReadNodeForUpdateSpi(name.c_str()); });
+    NodeRow row{};
+    AsRegistryOwner(access, InvalidOid, [&] { row = ReadNodeForUpdateSpi(name.c_str()); });
     if (!row.found)
         ThrowUnknownNode(name);
 
@@ -242,8 +396,11 @@ static Datum PoolAlterNode(FunctionCallInfo fcinfo)
     config.weight = IntArg(fcinfo, 5).value_or(row.weight);
     config.enabled = BoolArg(fcinfo, 6).value_or(row.enabled);
     ValidateNodeConfig(config);
+    // Setting the conninfo makes the caller its owner, so the rule follows the caller.
+    if (conninfo && !caller.superuser)
+        ValidatePasswordRule(*conninfo);
 
-    pg::Call([&] {
+    AsRegistryOwner(access, conninfo ? caller.role : InvalidOid, [&] {
         UpdateNodeSpi(config.name.c_str(), config.conninfo.c_str(), config.min_connections,
                       config.max_connections, RoleText(config.role), config.weight,
                       config.enabled);
@@ -262,8 +419,14 @@ static Datum PoolRemoveNode(FunctionCallInfo fcinfo)
     PG_RETURN_VOID();
 }
 
+static Datum NodeConninfoOwner(FunctionCallInfo fcinfo)
+{
+    return pg::Call([&] { return SetConninfoOwner(fcinfo); });
+}
+
 } // namespace peerpool
 
 PEERPOOL_SQL_FUNCTION(pool_add_node, peerpool::PoolAddNode)
 PEERPOOL_SQL_FUNCTION(pool_alter_node, peerpool::PoolAlterNode)
 PEERPOOL_SQL_FUNCTION(pool_remove_node, peerpool::PoolRemoveNode)
+PEERPOOL_SQL_FUNCTION(peerpool_node_conninfo_owner, peerpool::NodeConninfoOwner)

@@ -10,10 +10,12 @@
 extern "C" {
 #include "access/xact.h"
 #include "storage/condition_variable.h"
+#include "catalog/namespace.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -32,6 +34,7 @@ struct RawNode {
     char *role;
     int32 weight;
     bool enabled;
+    bool password_required;
 };
 
 struct RawRegistry {
@@ -53,9 +56,19 @@ RawRegistry LoadRawRegistry(MemoryContext target)
 
     out.extension_present = OidIsValid(get_extension_oid("pg_peerpool", true));
     if (out.extension_present) {
-        int rc = SPI_execute("SELECT node_name, conninfo, min_connections, max_connections, "
-                             "role, weight, enabled FROM peerpool.node ORDER BY node_name",
-                             true, 0);
+        // The password rule (SPEC section 2) is decided here, from whether the role that set
+        // the conninfo is a superuser now (a dropped role: no). Before ALTER EXTENSION UPDATE
+        // adds conninfo_owner, every node was registered by a superuser.
+        Oid relid = get_relname_relid("node", get_namespace_oid("peerpool", false));
+        bool has_owner = get_attnum(relid, "conninfo_owner") != InvalidAttrNumber;
+        int rc = SPI_execute(
+            has_owner ? "SELECT node_name, conninfo, min_connections, max_connections, role, "
+                        "weight, enabled, NOT coalesce((SELECT r.rolsuper FROM "
+                        "pg_catalog.pg_roles r WHERE r.oid = n.conninfo_owner::pg_catalog.oid), "
+                        "false) FROM peerpool.node n ORDER BY node_name"
+                      : "SELECT node_name, conninfo, min_connections, max_connections, role, "
+                        "weight, enabled, false FROM peerpool.node ORDER BY node_name",
+            true, 0);
         if (rc != SPI_OK_SELECT)
             elog(ERROR, "could not read peerpool.node: %s", SPI_result_code_string(rc));
         MemoryContext old = MemoryContextSwitchTo(target);
@@ -73,6 +86,7 @@ RawRegistry LoadRawRegistry(MemoryContext target)
             n.role = TextDatumGetCString(SPI_getbinval(tuple, desc, 5, &isnull));
             n.weight = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
             n.enabled = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
+            n.password_required = DatumGetBool(SPI_getbinval(tuple, desc, 8, &isnull));
         }
         MemoryContextSwitchTo(old);
     }
@@ -116,6 +130,7 @@ Registry LoadRegistry()
             config.role = RoleFromText(r.role);
             config.weight = r.weight;
             config.enabled = r.enabled;
+            config.password_required = r.password_required;
             registry.nodes.push_back(std::move(config));
         }
     } catch (...) {
@@ -146,9 +161,12 @@ RegistryDiff DiffRegistry(const std::vector<NodeConfig> &before,
             continue;
         }
         const NodeConfig &o = *it->second;
-        if (o.conninfo != n.conninfo)
+        // A change of the password rule recycles connections like a new conninfo.
+        bool conninfo_changed =
+            o.conninfo != n.conninfo || o.password_required != n.password_required;
+        if (conninfo_changed)
             diff.conninfo_changed.push_back(n.name);
-        if (o.conninfo != n.conninfo || o.min_connections != n.min_connections ||
+        if (conninfo_changed || o.min_connections != n.min_connections ||
             o.max_connections != n.max_connections || o.role != n.role ||
             o.weight != n.weight || o.enabled != n.enabled)
             diff.changed.push_back(n);

@@ -343,6 +343,7 @@ void Request::Pump(int index, Node &node, Connection &conn, bool read_socket, Ti
         std::string sqlstate = t.sqlstate, message = t.message;
         uint64 conn_id = t.conn_id;
         FinishTask(index, ok, sqlstate, message, now);
+        Flush(); // the caller has its answer before the connection's cleanup (reset_query) goes out
         node.ReleaseLease(conn_id, ok, now); // may hand the connection to the next waiter
     }
     Flush();

@@ -97,6 +97,12 @@ public:
     bool ever_connected() const { return connected_at_ != 0; }
     bool recycle_requested = false; // close at the next return to the pool
     bool counted_connecting = false; // counted in the fleet's attempts in flight
+    // The node's conninfo was set by a non-superuser (SPEC section 2): the server reached must
+    // have authenticated us with the conninfo's password, or the connection is closed as soon
+    // as it is established, before anything is sent on it.
+    bool require_password = false;
+    // SQLSTATE of a failure we diagnosed ourselves (28000 for the password rule), else "".
+    const std::string &error_sqlstate() const { return error_sqlstate_; }
 
     // Notices the server sent; drained by the owner into the server log.
     std::vector<std::string> TakeNotices();
@@ -116,6 +122,7 @@ private:
     bool query_finished_ = false;
     QueryOutcome outcome_;
     std::string error_;
+    std::string error_sqlstate_;
     TimestampTz created_at_ = 0;
     TimestampTz connected_at_ = 0;
     TimestampTz last_used_ = 0;
