@@ -921,6 +921,15 @@ def main():
       "`BENCH_SECONDS`, `BENCH_FANOUT_CALLS` and `BENCH_PEERS` (environment) shorten or lengthen a "
       "run; the numbers above come from the defaults.")
     a("")
+    # The scale phase (bench/scale.sh) writes its own page; keep it in this report.
+    scale = os.path.join(docs, "benchmarks-scale.md")
+    if os.path.exists(scale):
+        a("## Scale (bench/scale.sh)")
+        a("")
+        with open(scale) as f:
+            for line in f.read().splitlines():
+                a(line.replace("# Scale:", "### Scale:", 1) if line.startswith("# Scale:") else line)
+        a("")
     with open(os.path.join(docs, "benchmarks.md"), "w") as f:
         f.write("\n".join(L))
 

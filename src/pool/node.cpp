@@ -673,9 +673,10 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
             CloseConnection(conn_id, false);
         } else if (conn->recycle_requested) {
             CloseConnection(conn_id, true);
-        } else if (static_cast<int>(conns_.size()) > config_.max_connections &&
-                   waiters_.empty()) {
-            CloseConnection(conn_id, false); // the check's extra connection
+        } else if (static_cast<int>(conns_.size()) > config_.max_connections) {
+            // The check's extra connection: never handed to a caller, whose cap is
+            // max_connections (SPEC section 9: no remote connection count above max).
+            CloseConnection(conn_id, false);
         } else {
             GrantWaiting(now);
         }
