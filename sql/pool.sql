@@ -59,7 +59,7 @@ SELECT from_state, to_state,
        CASE to_state WHEN 'connecting' THEN reason
                      WHEN 'unhealthy' THEN (reason LIKE 'could not connect: %')::text
                      ELSE (reason = 'attempt 1')::text END AS reason
-  FROM pg_temp.events_oldest_first WHERE node_name = 'nowhere' ORDER BY newest_rank DESC LIMIT 3;
+  FROM pg_temp.events_oldest_first WHERE node_name = 'nowhere' ORDER BY newest_rank DESC LIMIT 2;
 
 -- Disabling closes the pool; enabling opens it again.
 SELECT peerpool.pool_alter_node('self', enabled => false);
