@@ -329,23 +329,41 @@ void Node::StartCheck(TimestampTz now)
     bool attempt = !Serving(); // connecting or reconnecting: connect + check
     check_deadline_ = After(now, static_cast<int64>(peerpool_health_check_timeout) +
                                      (attempt ? peerpool_connect_timeout : 0));
-    check_starved_ = false;
     if (Connection *idle = IdleConnection()) {
+        check_starved_ = false;
         RunCheckOn(idle, now);
         return;
     }
-    // Every connection is busy (or there is none yet): the check opens its own, one beyond
-    // max_connections if need be, closed again when the check is done (SPEC section 3: checks
-    // run on time whatever callers do).
+    // Every connection is busy (or there is none yet). Below max_connections the check opens a
+    // pool connection. At max_connections it first waits for the next connection a caller
+    // returns (ahead of waiting callers, GrantWaiting), so short calls never see more than
+    // max_connections sessions; only when that has not happened within one check interval
+    // (callers hold every connection in long queries) does it open one short-lived extra
+    // connection, closed when the check is done (SPEC section 3: checks run on time whatever
+    // callers do).
+    if (static_cast<int>(conns_.size()) >= config_.max_connections) {
+        if (!check_starved_) {
+            check_starved_ = true;
+            starved_since_ = now;
+        }
+        TimestampTz extra_at = After(starved_since_, peerpool_health_check_interval);
+        if (now < extra_at) {
+            check_blocked_until_ = extra_at;
+            return;
+        }
+    }
     Connection *conn = OpenConnection(now, true);
     if (conn == nullptr) {
-        // A local limit (peerpool.max_total_connections spent by running queries, or our file
-        // descriptors), not the node's failure: the check runs as soon as a connection comes
-        // back, or tries again shortly.
+        // A local limit (peerpool.max_total_connections spent by running queries, our file
+        // descriptors, attempts in flight), not the node's failure: the check runs as soon as
+        // a connection comes back, or tries again shortly.
+        if (!check_starved_)
+            starved_since_ = now;
         check_starved_ = true;
         check_blocked_until_ = After(now, kLocalLimitRetryMs);
         return;
     }
+    check_starved_ = false;
     check_phase_ = CHECK_CONNECTING;
     check_conn_ = conn->id();
     if (conn->state() == CONN_STATE_BROKEN)

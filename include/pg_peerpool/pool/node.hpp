@@ -255,6 +255,7 @@ private:
     std::map<uint64, int> held_for_cancel_;
     bool check_starved_ = false; // a check is due but a local limit left it no connection
     TimestampTz check_blocked_until_ = 0; // ... so no new check before this
+    TimestampTz starved_since_ = 0;       // when check_starved_ was set
     TimestampTz growth_blocked_until_ = 0; // a growth connection was refused: not before this
 };
 
