@@ -145,13 +145,14 @@ static void DefineMs(const char *name, const char *desc, int *var, int boot, int
 // on out-of-memory, which PostgreSQL reports as FATAL at startup.
 void DefineGucs()
 {
-    DefineCustomStringVariable("peerpool.database", "Database the pool manager connects to and "
+    DefineCustomStringVariable("peerpool.database",
+                               "Database the pool manager connects to and "
                                "the only one where the extension can be created.",
-                               nullptr, &peerpool_database, "postgres", PGC_POSTMASTER, 0,
-                               nullptr, nullptr, nullptr);
+                               nullptr, &peerpool_database, "postgres", PGC_POSTMASTER, 0, nullptr,
+                               nullptr, nullptr);
     DefineCustomIntVariable("peerpool.max_nodes", "Maximum number of registered nodes.", nullptr,
-                            &peerpool_max_nodes, 64, 1, 10000, PGC_POSTMASTER, 0, nullptr,
-                            nullptr, nullptr);
+                            &peerpool_max_nodes, 64, 1, 10000, PGC_POSTMASTER, 0, nullptr, nullptr,
+                            nullptr);
     DefineMs("peerpool.health_check_interval", "Time between health checks of each node.",
              &peerpool_health_check_interval, 5000, 10);
     DefineMs("peerpool.health_check_timeout", "Deadline of one health check.",
@@ -161,9 +162,9 @@ void DefineGucs()
                             &peerpool_unhealthy_threshold, 3, 1, 1000, PGC_SIGHUP, 0, nullptr,
                             nullptr, nullptr);
     DefineCustomIntVariable("peerpool.healthy_threshold",
-                            "Consecutive good checks that make a recovering node healthy.",
-                            nullptr, &peerpool_healthy_threshold, 1, 1, 1000, PGC_SIGHUP, 0,
-                            nullptr, nullptr, nullptr);
+                            "Consecutive good checks that make a recovering node healthy.", nullptr,
+                            &peerpool_healthy_threshold, 1, 1, 1000, PGC_SIGHUP, 0, nullptr,
+                            nullptr, nullptr);
     DefineMs("peerpool.connect_timeout", "Deadline for opening one connection to a node.",
              &peerpool_connect_timeout, 5000, 10);
     DefineCustomIntVariable("peerpool.query_timeout",
@@ -172,8 +173,7 @@ void DefineGucs()
                             "Any role may lower it; only superusers may raise or disable it.",
                             &peerpool_query_timeout, 30000, 0, INT_MAX, PGC_USERSET, GUC_UNIT_MS,
                             CheckQueryTimeout, AssignQueryTimeout, nullptr);
-    DefineMs("peerpool.acquire_timeout",
-             "How long a caller waits for a connection of a full pool.",
+    DefineMs("peerpool.acquire_timeout", "How long a caller waits for a connection of a full pool.",
              &peerpool_acquire_timeout, 30000, 0, PGC_USERSET);
     DefineMs("peerpool.idle_timeout",
              "Idle connections above min_connections are closed after this long.",
@@ -186,8 +186,7 @@ void DefineGucs()
              &peerpool_reconnect_backoff_max, 30000, 1);
     DefineMs("peerpool.degraded_latency", "Smoothed check latency above which a node is degraded.",
              &peerpool_degraded_latency, 70, 0);
-    DefineMs("peerpool.unhealthy_latency",
-             "Check latency above which a check counts as failed.",
+    DefineMs("peerpool.unhealthy_latency", "Check latency above which a check counts as failed.",
              &peerpool_unhealthy_latency, 5000, 0);
     DefineMs("peerpool.degraded_lag", "Standby replay lag above which a node is degraded.",
              &peerpool_degraded_lag, 5000, 0);
@@ -209,8 +208,8 @@ void DefineGucs()
                                nullptr, nullptr);
     DefineCustomStringVariable("peerpool.reset_query",
                                "SQL run on a connection after each caller's query (empty: none).",
-                               nullptr, &peerpool_reset_query, "DISCARD ALL", PGC_SIGHUP, 0, nullptr,
-                               nullptr, nullptr);
+                               nullptr, &peerpool_reset_query, "DISCARD ALL", PGC_SIGHUP, 0,
+                               nullptr, nullptr, nullptr);
     DefineCustomBoolVariable("peerpool.notify_reason",
                              "Include the reason (host names, libpq errors) in the payload of "
                              "NOTIFY peerpool_events.",
@@ -218,9 +217,9 @@ void DefineGucs()
                              &peerpool_notify_reason, true, PGC_SIGHUP, 0, nullptr, nullptr,
                              nullptr);
     DefineCustomIntVariable("peerpool.max_total_connections",
-                            "Cap on connections across all nodes (0: only per-node caps).",
-                            nullptr, &peerpool_max_total_connections, 0, 0, 100000,
-                            PGC_POSTMASTER, 0, nullptr, nullptr, nullptr);
+                            "Cap on connections across all nodes (0: only per-node caps).", nullptr,
+                            &peerpool_max_total_connections, 0, 0, 100000, PGC_POSTMASTER, 0,
+                            nullptr, nullptr, nullptr);
     MarkGUCPrefixReserved("peerpool");
 }
 

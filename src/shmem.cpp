@@ -147,8 +147,7 @@ void InitNodeSlot(NodeSlot &slot)
         pg_atomic_init_u32(g, 0);
     for (pg_atomic_uint64 *c : {&slot.created, &slot.closed, &slot.recycled, &slot.acquires,
                                 &slot.acquire_timeouts, &slot.queries, &slot.errors,
-                                &slot.query_time_us, &slot.check_requested,
-                                &slot.check_completed})
+                                &slot.query_time_us, &slot.check_requested, &slot.check_completed})
         pg_atomic_init_u64(c, 0);
 }
 
@@ -164,8 +163,8 @@ SharedState &RequireShared()
 {
     if (shared == nullptr)
         throw Error(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "pg_peerpool shared memory is not initialized",
-                    "", "Add pg_peerpool to shared_preload_libraries and restart the server.");
+                    "pg_peerpool shared memory is not initialized", "",
+                    "Add pg_peerpool to shared_preload_libraries and restart the server.");
     return *shared;
 }
 

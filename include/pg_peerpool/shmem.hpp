@@ -70,7 +70,7 @@ struct NodeSlot {
     int32 consecutive_failures;
     char last_error[kErrorSize];
     char last_sqlstate[6];
-    double latency_ms; // < 0 = unknown
+    double latency_ms;         // < 0 = unknown
     double replication_lag_ms; // < 0 = unknown / not a standby
     int32 retry_attempt;
     TimestampTz next_retry_at; // 0 = none
@@ -124,9 +124,9 @@ struct SharedState {
     // Bumped by every committing transaction that changed peerpool.node (or created the
     // extension); the pool manager reloads when it differs from what it loaded.
     pg_atomic_uint64 registry_generation;
-    uint64 loaded_generation; // under lock
+    uint64 loaded_generation;       // under lock
     TimestampTz registry_loaded_at; // under lock
-    bool extension_present; // under lock: the manager saw the extension in its database
+    bool extension_present;         // under lock: the manager saw the extension in its database
 
     // The pool manager's PGPROC number plus one (0 when not running) and pid, to set its latch.
     pg_atomic_uint32 worker_procno_plus1;

@@ -90,8 +90,7 @@ void PendingError::Capture(int code, const char *msg, const char *prefix) noexce
 void PendingError::Raise() const
 {
     ereport(ERROR, errcode(sqlerrcode), errmsg_internal("%s", message),
-            detail[0] ? errdetail_internal("%s", detail) : 0,
-            hint[0] ? errhint("%s", hint) : 0,
+            detail[0] ? errdetail_internal("%s", detail) : 0, hint[0] ? errhint("%s", hint) : 0,
             context[0] ? errcontext_msg("%s", context) : 0);
     pg_unreachable();
 }

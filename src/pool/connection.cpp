@@ -69,8 +69,7 @@ ConnOptions ConnectionOptions(const std::string &conninfo, const std::string &ap
     return options;
 }
 
-Connection::Connection(uint64 id, const ConnOptions &options, TimestampTz now,
-                       TimestampTz deadline)
+Connection::Connection(uint64 id, const ConnOptions &options, TimestampTz now, TimestampTz deadline)
     : id_(id), created_at_(now), last_used_(now), deadline_(deadline)
 {
     BeginConnect(options);
@@ -138,8 +137,8 @@ uint32 Connection::WaitEvents() const
 void Connection::NoticeReceiver(void *arg, const PGresult *res)
 {
     // Called from inside libpq: must not throw or ereport. A peer may send any number of
-    // notices of any size: keep kMaxNotices until the owner logs them (after each query), each cut to
-    // kMaxNoticeBytes (at a UTF-8 boundary), and only count the rest.
+    // notices of any size: keep kMaxNotices until the owner logs them (after each query), each cut
+    // to kMaxNoticeBytes (at a UTF-8 boundary), and only count the rest.
     auto *self = static_cast<Connection *>(arg);
     try {
         if (self->notices_.size() >= kMaxNotices) {

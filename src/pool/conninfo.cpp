@@ -135,8 +135,8 @@ bool UriMisread(const std::string &conninfo, const ConnOptions &options)
     size_t stop = s.find_first_of("@/");
     size_t rest = stop != std::string::npos && s[stop] == '@' ? stop + 1 : 0;
     size_t query = s.find('?', rest);
-    if (s.substr(rest, query == std::string::npos ? std::string::npos : query - rest)
-            .find('@') != std::string::npos)
+    if (s.substr(rest, query == std::string::npos ? std::string::npos : query - rest).find('@') !=
+        std::string::npos)
         return true;
     for (const auto &[key, value] : options) {
         if (key == "host" && value.find('@') != std::string::npos)

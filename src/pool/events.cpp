@@ -16,8 +16,8 @@ namespace peerpool {
 
 std::string FormatTimestampUtc(TimestampTz at)
 {
-    int64 unix_usec = at + (static_cast<int64>(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) *
-                            USECS_PER_DAY);
+    int64 unix_usec = at +
+                      (static_cast<int64>(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
     time_t secs = static_cast<time_t>(unix_usec / USECS_PER_SEC);
     long usec = static_cast<long>(unix_usec % USECS_PER_SEC);
     if (usec < 0) {

@@ -21,13 +21,12 @@ namespace {
 
 // One round trip answers: alive, role, and (on a standby) replay lag. Lag is 0 when everything
 // received has been replayed, else the age of the last replayed transaction.
-const char *kCheckSql =
-    "SELECT pg_catalog.pg_is_in_recovery(), "
-    "CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN NULL "
-    "WHEN pg_catalog.pg_last_wal_receive_lsn() IS NOT DISTINCT FROM "
-    "pg_catalog.pg_last_wal_replay_lsn() THEN 0 "
-    "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - "
-    "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
+const char *kCheckSql = "SELECT pg_catalog.pg_is_in_recovery(), "
+                        "CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN NULL "
+                        "WHEN pg_catalog.pg_last_wal_receive_lsn() IS NOT DISTINCT FROM "
+                        "pg_catalog.pg_last_wal_replay_lsn() THEN 0 "
+                        "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - "
+                        "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
 
 // The check must not depend on what callers left in the session (SPEC section 5), whatever
 // peerpool.reset_query is: it runs in the implicit transaction of its own query string, whose
@@ -59,7 +58,10 @@ bool RefusedForCapacity(const std::string &error)
 
 // Every sum of GUC milliseconds is taken in 64 bits: each GUC may be INT_MAX on its own.
 TimestampTz After(TimestampTz t, int64 ms) { return t + ms * INT64CONST(1000); }
-double MsBetween(TimestampTz from, TimestampTz to) { return static_cast<double>(to - from) / 1000.0; }
+double MsBetween(TimestampTz from, TimestampTz to)
+{
+    return static_cast<double>(to - from) / 1000.0;
+}
 
 SharedState &State() { return RequireShared(); }
 
@@ -122,7 +124,8 @@ Connection *Node::OpenConnection(TimestampTz now, bool for_check)
     else if (invalid.empty() && resolved == RESOLVE_READY)
         conn = std::make_unique<Connection>(fleet_.NextConnectionId(), options, now, deadline);
     else
-        conn = std::make_unique<Connection>(fleet_.NextConnectionId(), now, deadline, ConnOptions());
+        conn = std::make_unique<Connection>(fleet_.NextConnectionId(), now, deadline,
+                                            ConnOptions());
     conn->require_password = config_.password_required;
     if (!invalid.empty())
         conn->MarkBroken(invalid);
@@ -175,7 +178,8 @@ void Node::CloseConnection(uint64 id, bool recycled)
     held_for_cancel_.erase(id);
     // A cancel still queued for this session is moot (and its pid could be reused).
     int closing_pid = (*it)->backend_pid();
-    pending_cancels_.erase(std::remove(pending_cancels_.begin(), pending_cancels_.end(), closing_pid),
+    pending_cancels_.erase(std::remove(pending_cancels_.begin(), pending_cancels_.end(),
+                                       closing_pid),
                            pending_cancels_.end());
     check_starved_ = false; // a slot is free again: a due check may open a connection
     LeaseOwner lost;
@@ -220,8 +224,8 @@ Connection *Node::IdleConnection() const
     // Most recently used first: keeps the others idle long enough to be trimmed.
     Connection *best = nullptr;
     for (const auto &c : conns_)
-        if (c->state() == CONN_STATE_IDLE && !c->recycle_requested &&
-            jobs_.count(c->id()) == 0 && held_for_cancel_.count(c->id()) == 0 &&
+        if (c->state() == CONN_STATE_IDLE && !c->recycle_requested && jobs_.count(c->id()) == 0 &&
+            held_for_cancel_.count(c->id()) == 0 &&
             (best == nullptr || c->last_used() > best->last_used()))
             best = c.get();
     return best;
@@ -445,9 +449,9 @@ void Node::CheckFailed(const std::string &error, const std::string &sqlstate, bo
 void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, TimestampTz now)
 {
     NodeRole detected = in_recovery ? NODE_ROLE_STANDBY : NODE_ROLE_PRIMARY;
-    latency_ms_ = latency_ms_ < 0 ? latency_ms
-                                  : (1 - kLatencySmoothing) * latency_ms_ +
-                                        kLatencySmoothing * latency_ms;
+    latency_ms_ = latency_ms_ < 0
+                      ? latency_ms
+                      : (1 - kLatencySmoothing) * latency_ms_ + kLatencySmoothing * latency_ms;
     lag_ms_ = in_recovery ? std::max(lag_ms, 0.0) : -1;
 
     // A check that answered too slowly, or from a standby too far behind, counts as failed.
@@ -458,8 +462,8 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
         return;
     }
     if (in_recovery && peerpool_unhealthy_lag > 0 && lag_ms_ > peerpool_unhealthy_lag) {
-        CheckFailed(Format("replication lag %.0f ms, above peerpool.unhealthy_lag (%d ms)",
-                           lag_ms_, peerpool_unhealthy_lag),
+        CheckFailed(Format("replication lag %.0f ms, above peerpool.unhealthy_lag (%d ms)", lag_ms_,
+                           peerpool_unhealthy_lag),
                     "", false, false, now);
         return;
     }
@@ -491,11 +495,11 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
             break;
         }
         {
-            std::string reason =
-                state_ == NODE_STATE_CONNECTING
-                    ? Format("connected; %s detected", NodeRoleName(role_))
-                    : Format("recovered after %d failed attempt%s; %s detected", retry_attempt_,
-                             retry_attempt_ == 1 ? "" : "s", NodeRoleName(role_));
+            std::string reason = state_ == NODE_STATE_CONNECTING
+                                     ? Format("connected; %s detected", NodeRoleName(role_))
+                                     : Format("recovered after %d failed attempt%s; %s detected",
+                                              retry_attempt_, retry_attempt_ == 1 ? "" : "s",
+                                              NodeRoleName(role_));
             if (!degraded_reason.empty())
                 reason += "; " + degraded_reason;
             retry_attempt_ = 0;
@@ -622,10 +626,10 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
         // A connection attempt failed (refused, authentication, timeout): a hard failure when
         // it was the check's, or the node's only way to serve.
         last_sqlstate_ = sqlstate;
-        if (was_check || (Serving() && ConnectionCount(CONN_STATE_IDLE) +
-                                               ConnectionCount(CONN_STATE_BUSY) +
-                                               ConnectionCount(CONN_STATE_CHECKING) ==
-                                           0))
+        if (was_check ||
+            (Serving() && ConnectionCount(CONN_STATE_IDLE) + ConnectionCount(CONN_STATE_BUSY) +
+                                  ConnectionCount(CONN_STATE_CHECKING) ==
+                              0))
             CheckFailed("could not connect: " + error, sqlstate, true, false, now);
         else if (Serving()) {
             // A growth connection failed while others serve: let a check decide, now.
@@ -737,8 +741,7 @@ void Node::MaintainPool(TimestampTz now)
             CloseConnection(id, true);
     }
     // Close idle connections above min_connections once idle_timeout passed.
-    while (peerpool_idle_timeout > 0 &&
-           static_cast<int>(conns_.size()) > config_.min_connections) {
+    while (peerpool_idle_timeout > 0 && static_cast<int>(conns_.size()) > config_.min_connections) {
         TimestampTz lru = 0;
         if (!OldestIdle(lru) || now < After(lru, peerpool_idle_timeout))
             break;
@@ -1239,8 +1242,7 @@ void Node::FinishJob(Connection *conn, TimestampTz now)
     }
     // A cancel went out. First settle the connection that carried it -- an extra one must not
     // be handed to a caller and then closed under it -- then let the cancelled one rejoin.
-    if (conn->state() == CONN_STATE_BROKEN ||
-        (job.close_after && pending_cancels_.empty()) ||
+    if (conn->state() == CONN_STATE_BROKEN || (job.close_after && pending_cancels_.empty()) ||
         static_cast<int>(conns_.size()) > config_.max_connections + (job.close_after ? 1 : 0)) {
         CloseConnection(conn->id(), false);
     } else if (job.close_after || !pending_cancels_.empty()) {

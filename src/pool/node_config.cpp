@@ -15,7 +15,8 @@ void ValidateNodeName(const std::string &name)
             ok = false;
     if (!ok)
         throw Error(ERRCODE_INVALID_PARAMETER_VALUE, "invalid node name",
-                    "A node name is 1 to 63 characters from A-Z, a-z, 0-9, \"_\", \".\" and \"-\".");
+                    "A node name is 1 to 63 characters from A-Z, a-z, 0-9, \"_\", \".\" and "
+                    "\"-\".");
 }
 
 NodeRole ParseRole(const std::string &role)

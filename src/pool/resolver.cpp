@@ -1,4 +1,5 @@
-// Asynchronous host name resolution for the pool manager (see include/pg_peerpool/pool/resolver.hpp).
+// Asynchronous host name resolution for the pool manager (see
+// include/pg_peerpool/pool/resolver.hpp).
 //
 // Threads here run plain C library code only (getaddrinfo, getnameinfo, malloc through the C++
 // library): no PostgreSQL function, no palloc, no elog. They are created with every signal
@@ -49,7 +50,8 @@ namespace {
 bool IsNumericAddress(const std::string &host)
 {
     unsigned char buf[sizeof(struct in6_addr)];
-    return inet_pton(AF_INET, host.c_str(), buf) == 1 || inet_pton(AF_INET6, host.c_str(), buf) == 1;
+    return inet_pton(AF_INET, host.c_str(), buf) == 1 ||
+           inet_pton(AF_INET6, host.c_str(), buf) == 1;
 }
 
 bool IsSocketPath(const std::string &host)
@@ -63,7 +65,8 @@ std::vector<std::string> SplitList(const std::string &s)
     size_t start = 0;
     for (;;) {
         size_t comma = s.find(',', start);
-        out.push_back(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+        out.push_back(
+            s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
         if (comma == std::string::npos)
             break;
         start = comma + 1;
@@ -91,8 +94,8 @@ void RunLookup(std::shared_ptr<Resolver::Shared> shared, std::string host)
     struct addrinfo *result = nullptr;
     int rc = getaddrinfo(host.c_str(), nullptr, &hints, &result);
     if (rc != 0) {
-        done.error = "could not translate host name \"" + host + "\" to address: " +
-                     std::string(gai_strerror(rc));
+        done.error = "could not translate host name \"" + host +
+                     "\" to address: " + std::string(gai_strerror(rc));
     } else {
         for (struct addrinfo *a = result; a != nullptr; a = a->ai_next) {
             char text[NI_MAXHOST];
@@ -231,7 +234,8 @@ ResolveStatus Resolver::Resolve(ConnOptions &options, TimestampTz now, std::stri
     };
     auto host_opt = find("host");
     auto hostaddr_opt = find("hostaddr");
-    if (host_opt == options.end() || (hostaddr_opt != options.end() && !hostaddr_opt->second.empty()))
+    if (host_opt == options.end() ||
+        (hostaddr_opt != options.end() && !hostaddr_opt->second.empty()))
         return RESOLVE_READY; // no names, or the conninfo gives the addresses itself
     std::vector<std::string> hosts = SplitList(host_opt->second);
     auto port_opt = find("port");

@@ -73,7 +73,8 @@ Node *Pick(const std::vector<Node *> &candidates, uint64 &round_robin)
         return candidates.back();
     }
     case LOAD_BALANCE_RANDOM:
-        return candidates[static_cast<size_t>(pg_prng_uint64_range(&pg_global_prng_state, 0, n - 1))];
+        return candidates[static_cast<size_t>(
+            pg_prng_uint64_range(&pg_global_prng_state, 0, n - 1))];
     case LOAD_BALANCE_ROUND_ROBIN:
     default:
         return candidates[rr];
@@ -137,8 +138,7 @@ RouteResult RouteQuery(const std::string &target, const std::vector<Node *> &nod
     if (candidates.empty()) {
         out.sqlerrcode = ERRCODE_CONNECTION_FAILURE;
         out.message = Format("no node can serve target \"%s\"", target.c_str());
-        out.detail = nodes.empty() ? "No nodes are registered."
-                                   : Format("%s.", reasons.c_str());
+        out.detail = nodes.empty() ? "No nodes are registered." : Format("%s.", reasons.c_str());
         return out;
     }
     out.node = Pick(candidates, round_robin);

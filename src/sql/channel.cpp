@@ -20,7 +20,7 @@ namespace peerpool::channel {
 
 namespace {
 
-constexpr long kPollMs = 100;          // how often a waiting backend checks the pool manager
+constexpr long kPollMs = 100; // how often a waiting backend checks the pool manager
 constexpr long kSlotFreeTimeoutMs = 5000;
 // The pool manager's own timeout answer normally arrives first; ours is the backstop.
 constexpr long kDeadlineGraceMs = 50;
@@ -193,7 +193,8 @@ void Submit(const char *message, Size len)
         kind != protocol::REQUEST_KIND_PARALLEL && timeout_ms > 0) {
         current.timeout_ms = timeout_ms;
         current.deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-                                                       static_cast<int64>(timeout_ms) + kDeadlineGraceMs);
+                                                       static_cast<int64>(timeout_ms) +
+                                                           kDeadlineGraceMs);
     }
     current.active = true;
 
@@ -240,9 +241,9 @@ static bool SlotReleased()
 void Receive(Size *len, const char **data)
 {
     if (!current.active)
-        ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
-                        errmsg("the pg_peerpool request was abandoned"),
-                        errdetail("The subtransaction that started it was rolled back.")));
+        ereport(ERROR,
+                (errcode(ERRCODE_QUERY_CANCELED), errmsg("the pg_peerpool request was abandoned"),
+                 errdetail("The subtransaction that started it was rolled back.")));
     for (;;) {
         void *raw = nullptr;
         // A caller converting rows slowly (a domain CHECK, say) always has rows waiting: the

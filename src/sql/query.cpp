@@ -164,12 +164,11 @@ char *GetText(Cursor &c) { return SafeText(GetStr(c)); }
     char *detail = GetText(c);
     char *hint = GetText(c);
     channel::Finish();
-    int code = strlen(state) == 5
-                   ? MAKE_SQLSTATE(state[0], state[1], state[2], state[3], state[4])
-                   : ERRCODE_INTERNAL_ERROR;
-    ereport(ERROR, (errcode(code), errmsg_internal("%s", message),
-                    detail[0] ? errdetail_internal("%s", detail) : 0,
-                    hint[0] ? errhint("%s", hint) : 0));
+    int code = strlen(state) == 5 ? MAKE_SQLSTATE(state[0], state[1], state[2], state[3], state[4])
+                                  : ERRCODE_INTERNAL_ERROR;
+    ereport(ERROR,
+            (errcode(code), errmsg_internal("%s", message),
+             detail[0] ? errdetail_internal("%s", detail) : 0, hint[0] ? errhint("%s", hint) : 0));
     pg_unreachable();
 }
 
@@ -255,18 +254,18 @@ struct NodeResult {
     MemoryContext context; // owns this node's columns and rows; deleted when the node fails
     int ncols;
     Oid *types;
-    char **keys;         // unique object keys (UniqueColumnNames)
+    char **keys; // unique object keys (UniqueColumnNames)
     JsonbValue *key_values;
-    bool has_json;       // a json/jsonb column: rows are built with pushJsonbValue
-    JsonbPair *pairs;    // otherwise: the object's pairs, in jsonb's key order, keys set once
-    int *sorted;         // the column of each pair
+    bool has_json;    // a json/jsonb column: rows are built with pushJsonbValue
+    JsonbPair *pairs; // otherwise: the object's pairs, in jsonb's key order, keys set once
+    int *sorted;      // the column of each pair
     // The rows' containers, each padded to int alignment, in one buffer that becomes the
     // node's array in place (FinishArray): a large result is copied once less, and fresh
     // pages (a page fault each) are what a large result costs most.
     char *data;
     Size data_len;
     Size data_capacity;
-    uint32 *lens;        // per row: its padding + container length
+    uint32 *lens; // per row: its padding + container length
     int64 rows;
     int64 capacity;
     bool done;    // the pool manager reported the node's end
@@ -408,8 +407,9 @@ void FieldValue(const NodeResult &n, int k, const Field &f, JsonbValue &v)
         char *text = pnstrdup(f.data, f.len);
         if (IsJsonNumber(text)) {
             v.type = jbvNumeric;
-            v.val.numeric = DatumGetNumeric(DirectFunctionCall3(
-                numeric_in, CStringGetDatum(text), ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+            v.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(text),
+                                                                ObjectIdGetDatum(InvalidOid),
+                                                                Int32GetDatum(-1)));
         }
         break;
     }
@@ -497,8 +497,8 @@ void RunParallelQuery(FunctionCallInfo fcinfo, const char *message, Size len)
     InitMaterializedSRF(fcinfo, 0);
     ReturnSetInfo *rsinfo = reinterpret_cast<ReturnSetInfo *>(fcinfo->resultinfo);
     MemoryContext call_context = CurrentMemoryContext;
-    MemoryContext row_context =
-        AllocSetContextCreate(call_context, "parallel_query row", ALLOCSET_DEFAULT_SIZES);
+    MemoryContext row_context = AllocSetContextCreate(call_context, "parallel_query row",
+                                                      ALLOCSET_DEFAULT_SIZES);
 
     channel::Submit(message, len);
     NodeResult *nodes = nullptr;
@@ -797,9 +797,9 @@ void ReportNodeError(int elevel, const char *node, const char *state, const char
     char *message = named ? pstrdup(error) : psprintf("node \"%s\": %s", node, error);
     if (with_state)
         message = psprintf("%s [SQLSTATE %s]", message, state);
-    ereport(elevel, (errcode(SqlStateCode(state)), errmsg_internal("%s", message),
-                     detail[0] ? errdetail_internal("%s", detail) : 0,
-                     hint[0] ? errhint("%s", hint) : 0));
+    ereport(elevel,
+            (errcode(SqlStateCode(state)), errmsg_internal("%s", message),
+             detail[0] ? errdetail_internal("%s", detail) : 0, hint[0] ? errhint("%s", hint) : 0));
 }
 
 void RunPoolQuery(FunctionCallInfo fcinfo, const char *message, Size len)
@@ -921,9 +921,9 @@ void RunParallelRows(FunctionCallInfo fcinfo, const char *message, Size len, int
             nodes = static_cast<RowsNode *>(palloc0(sizeof(RowsNode) * (nnodes + 1)));
             for (uint32 i = 0; i < nnodes; i++) {
                 nodes[i].name = GetStr(c);
-                nodes[i].name_value =
-                    InputFunctionCall(&t.meta->attinfuncs[0], nodes[i].name,
-                                      t.meta->attioparams[0], t.meta->atttypmods[0]);
+                nodes[i].name_value = InputFunctionCall(&t.meta->attinfuncs[0], nodes[i].name,
+                                                        t.meta->attioparams[0],
+                                                        t.meta->atttypmods[0]);
             }
             break;
         case 'C': {
@@ -946,8 +946,8 @@ void RunParallelRows(FunctionCallInfo fcinfo, const char *message, Size len, int
             if (n.failed)
                 break;
             int bad_column = 0;
-            if (char *bad = PutTypedRow(t, rsinfo->setResult, c, n.name, n.columns,
-                                        &n.name_value, &bad_column)) {
+            if (char *bad = PutTypedRow(t, rsinfo->setResult, c, n.name, n.columns, &n.name_value,
+                                        &bad_column)) {
                 char *error = psprintf("column %d (\"%s\"): %s", bad_column,
                                        n.columns[bad_column - 1], bad);
                 NodeFailedRows(n, on_error, "22021", error, "", "");
@@ -993,8 +993,9 @@ void RunParallelRows(FunctionCallInfo fcinfo, const char *message, Size len, int
     if (!filter)
         return;
     MemoryContext old = MemoryContextSwitchTo(rsinfo->econtext->ecxt_per_query_memory);
-    Tuplestorestate *kept = tuplestore_begin_heap(
-        (rsinfo->allowedModes & SFRM_Materialize_Random) != 0, false, work_mem);
+    Tuplestorestate *kept = tuplestore_begin_heap((rsinfo->allowedModes &
+                                                   SFRM_Materialize_Random) != 0,
+                                                  false, work_mem);
     MemoryContextSwitchTo(old);
     TupleTableSlot *slot = MakeSingleTupleTableSlot(rsinfo->setDesc, &TTSOpsMinimalTuple);
     tuplestore_rescan(rsinfo->setResult);
@@ -1105,8 +1106,8 @@ static Datum ParallelQueryRows(FunctionCallInfo fcinfo)
         on_error = ON_ERROR_IGNORE;
     else
         throw Error(ERRCODE_INVALID_PARAMETER_VALUE,
-                    Format("invalid value for on_error: \"%s\"", mode.c_str()),
-                    "", "Valid values are \"warning\", \"error\" and \"ignore\".");
+                    Format("invalid value for on_error: \"%s\"", mode.c_str()), "",
+                    "Valid values are \"warning\", \"error\" and \"ignore\".");
     std::string message = protocol::EncodeRequest(request);
     const char *data = message.data();
     Size size = message.size();

@@ -76,8 +76,8 @@ Oid pending_conninfo_owner = InvalidOid;
 
 // Who may do what to peerpool.node, read once per call. PostgreSQL calls only.
 struct RegistryAccess {
-    Oid owner;              // the table's owner: runs the SPI work
-    bool has_owner_column;  // false: the 0.1.0 schema (ALTER EXTENSION ... UPDATE pending)
+    Oid owner;             // the table's owner: runs the SPI work
+    bool has_owner_column; // false: the 0.1.0 schema (ALTER EXTENSION ... UPDATE pending)
 };
 
 RegistryAccess LookupRegistry()
@@ -100,8 +100,8 @@ void RunAsRegistryOwner(Oid table_owner, Oid record_owner, void (*fn)(void *), v
     Oid save_user;
     int save_sec;
     GetUserIdAndSecContext(&save_user, &save_sec);
-    SetUserIdAndSecContext(table_owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-                                            SECURITY_RESTRICTED_OPERATION);
+    SetUserIdAndSecContext(table_owner,
+                           save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
     pending_conninfo_owner = record_owner;
     PG_TRY();
     {
@@ -131,11 +131,10 @@ Caller IdentifyCaller(const RegistryAccess &access)
         // caller. Only a session whose own role is a superuser may use them until the
         // extension is updated (the update records existing nodes as superuser-owned).
         if (!superuser_arg(GetOuterUserId()))
-            ereport(ERROR,
-                    (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-                     errmsg("pg_peerpool's catalog is older than its library"),
-                     errdetail("Until the update, only superusers may change the registry."),
-                     errhint("Run ALTER EXTENSION pg_peerpool UPDATE.")));
+            ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                            errmsg("pg_peerpool's catalog is older than its library"),
+                            errdetail("Until the update, only superusers may change the registry."),
+                            errhint("Run ALTER EXTENSION pg_peerpool UPDATE.")));
         c.superuser = true;
     }
     return c;
@@ -190,17 +189,17 @@ void AddNodeSpi(const char *name, const char *conninfo, int32 min_conn, int32 ma
     SpiConnect();
     LockRegistry();
     if (NodeExists(name))
-        ereport(ERROR, (errcode(ERRCODE_DUPLICATE_OBJECT),
-                        errmsg("node \"%s\" already exists", name),
-                        errhint("Use pool_alter_node() to change it.")));
+        ereport(ERROR,
+                (errcode(ERRCODE_DUPLICATE_OBJECT), errmsg("node \"%s\" already exists", name),
+                 errhint("Use pool_alter_node() to change it.")));
 
     // read_only = false: see rows added earlier in this same statement (e.g. several
     // pool_add_node calls in one SELECT), or they would slip past the limit.
     if (SPI_execute("SELECT count(*) FROM peerpool.node", false, 0) != SPI_OK_SELECT)
         elog(ERROR, "could not count nodes");
     bool isnull = false;
-    int64 count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-                                              &isnull));
+    int64 count = DatumGetInt64(
+        SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
     if (count >= peerpool_max_nodes)
         ereport(ERROR, (errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
                         errmsg("cannot add node \"%s\": peerpool.max_nodes (%d) reached", name,
@@ -210,7 +209,7 @@ void AddNodeSpi(const char *name, const char *conninfo, int32 min_conn, int32 ma
 
     Oid types[7] = {TEXTOID, TEXTOID, INT4OID, INT4OID, TEXTOID, INT4OID, BOOLOID};
     Datum values[7] = {CStringGetTextDatum(name), CStringGetTextDatum(conninfo),
-                       Int32GetDatum(min_conn),  Int32GetDatum(max_conn),
+                       Int32GetDatum(min_conn),   Int32GetDatum(max_conn),
                        CStringGetTextDatum(role), Int32GetDatum(weight),
                        BoolGetDatum(enabled)};
     SpiExec("INSERT INTO peerpool.node (node_name, conninfo, min_connections, max_connections, "
@@ -254,7 +253,7 @@ void UpdateNodeSpi(const char *name, const char *conninfo, int32 min_conn, int32
     SpiConnect();
     Oid types[7] = {TEXTOID, TEXTOID, INT4OID, INT4OID, TEXTOID, INT4OID, BOOLOID};
     Datum values[7] = {CStringGetTextDatum(name), CStringGetTextDatum(conninfo),
-                       Int32GetDatum(min_conn),  Int32GetDatum(max_conn),
+                       Int32GetDatum(min_conn),   Int32GetDatum(max_conn),
                        CStringGetTextDatum(role), Int32GetDatum(weight),
                        BoolGetDatum(enabled)};
     SpiExec("UPDATE peerpool.node SET conninfo = $2, min_connections = $3, "
@@ -279,8 +278,8 @@ bool RemoveNodeSpi(const char *name)
 
 [[noreturn]] void ThrowUnknownNode(const std::string &name)
 {
-    throw Error(ERRCODE_UNDEFINED_OBJECT, Format("node \"%s\" does not exist", name.c_str()),
-                "", "The registered nodes are listed in peerpool.nodes.");
+    throw Error(ERRCODE_UNDEFINED_OBJECT, Format("node \"%s\" does not exist", name.c_str()), "",
+                "The registered nodes are listed in peerpool.nodes.");
 }
 
 // Runs f() -- PostgreSQL calls only -- as the table's owner, recording `record_owner`.
@@ -332,8 +331,7 @@ Datum SetConninfoOwner(FunctionCallInfo fcinfo)
         if (conninfo_same && owner_same)
             return PointerGetDatum(tuple); // the conninfo was not set: its owner stays
         // Whoever sets the conninfo owns it; only a superuser may name another owner.
-        owner = !owner_same && !isnull && superuser_arg(acting) ? DatumGetObjectId(given)
-                                                               : acting;
+        owner = !owner_same && !isnull && superuser_arg(acting) ? DatumGetObjectId(given) : acting;
     }
     Datum value = ObjectIdGetDatum(owner);
     bool value_null = false;
@@ -402,8 +400,7 @@ static Datum PoolAlterNode(FunctionCallInfo fcinfo)
 
     AsRegistryOwner(access, conninfo ? caller.role : InvalidOid, [&] {
         UpdateNodeSpi(config.name.c_str(), config.conninfo.c_str(), config.min_connections,
-                      config.max_connections, RoleText(config.role), config.weight,
-                      config.enabled);
+                      config.max_connections, RoleText(config.role), config.weight, config.enabled);
     });
     PG_RETURN_VOID();
 }

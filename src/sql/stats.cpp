@@ -214,7 +214,7 @@ static Datum RequestCheck(FunctionCallInfo fcinfo)
 
     std::vector<CheckWait> waits;
     waits.reserve(static_cast<size_t>(state.max_nodes)); // no allocation under the lock
-    LWLockAcquire(state.lock, LW_SHARED); // cannot error with one lock held
+    LWLockAcquire(state.lock, LW_SHARED);                // cannot error with one lock held
     for (int i = 0; i < state.max_nodes; i++) {
         const NodeSlot &n = state.nodes[i];
         if (n.in_use && (only.empty() || only == n.name)) {
@@ -229,7 +229,8 @@ static Datum RequestCheck(FunctionCallInfo fcinfo)
         throw Error(ERRCODE_UNDEFINED_OBJECT, Format("node \"%s\" does not exist", only.c_str()),
                     "", "The registered nodes are listed in peerpool.nodes.");
 
-    long timeout = static_cast<long>(peerpool_connect_timeout) + peerpool_health_check_timeout + 1000;
+    long timeout = static_cast<long>(peerpool_connect_timeout) + peerpool_health_check_timeout +
+                   1000;
     CheckWait *data = waits.data();
     int count = static_cast<int>(waits.size());
     int late = pg::Call([&] { return RequestChecksAndWait(&state, data, count, timeout); });

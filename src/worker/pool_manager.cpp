@@ -50,7 +50,7 @@ constexpr long kRecheckMs = 10000;        // safety-net registry recheck
 constexpr long kRetryAfterErrorMs = 1000; // after a failed registry load
 constexpr long kMaxSleepMs = 60000;
 constexpr rlim_t kMaxDescriptors = 65536; // how far we raise our soft RLIMIT_NOFILE at most
-constexpr int kMaxConnecting = 64;         // connection attempts in flight, fleet-wide
+constexpr int kMaxConnecting = 64;        // connection attempts in flight, fleet-wide
 // The longest the loop may wait for a lock in its own transactions (see Run).
 constexpr const char *kLockTimeout = "10ms";
 
@@ -234,13 +234,13 @@ bool PoolManager::ReserveConnection(const Node *requester, bool evict)
         if (now >= fd_warning_at_) {
             // A local limit, not the node: said plainly, at most once a minute.
             fd_warning_at_ = TimestampTzPlusMilliseconds(now, 60000);
-            Log(WARNING, Format("no file descriptor left for another connection (node \"%s\"): "
-                                "%d in use; the pool manager's limit is RLIMIT_NOFILE %llu "
-                                "(raise the hard limit, e.g. LimitNOFILE in the service unit) "
-                                "and max_files_per_process; the node is not at fault",
-                                requester ? requester->name().c_str() : "?",
-                                fds_external_ + fds_extra_,
-                                static_cast<unsigned long long>(fds_limit_)));
+            Log(WARNING,
+                Format("no file descriptor left for another connection (node \"%s\"): "
+                       "%d in use; the pool manager's limit is RLIMIT_NOFILE %llu "
+                       "(raise the hard limit, e.g. LimitNOFILE in the service unit) "
+                       "and max_files_per_process; the node is not at fault",
+                       requester ? requester->name().c_str() : "?", fds_external_ + fds_extra_,
+                       static_cast<unsigned long long>(fds_limit_)));
         }
         return false;
     }
@@ -294,14 +294,14 @@ void PoolManager::RaiseDescriptorLimit()
     }
     getrlimit(RLIMIT_NOFILE, &rl);
     fds_limit_ = rl.rlim_cur;
-    Log(LOG, Format("descriptor limit %llu (was %llu, hard limit %s): room for about %d "
-                    "connections",
-                    static_cast<unsigned long long>(rl.rlim_cur),
-                    static_cast<unsigned long long>(old),
-                    rl.rlim_max == RLIM_INFINITY
-                        ? "unlimited"
-                        : std::to_string(static_cast<unsigned long long>(rl.rlim_max)).c_str(),
-                    fds_headroom_ + max_safe_fds / 3));
+    Log(LOG,
+        Format("descriptor limit %llu (was %llu, hard limit %s): room for about %d "
+               "connections",
+               static_cast<unsigned long long>(rl.rlim_cur), static_cast<unsigned long long>(old),
+               rl.rlim_max == RLIM_INFINITY
+                   ? "unlimited"
+                   : std::to_string(static_cast<unsigned long long>(rl.rlim_max)).c_str(),
+               fds_headroom_ + max_safe_fds / 3));
 }
 
 Node *PoolManager::FindNode(const std::string &name)
@@ -352,8 +352,7 @@ bool PoolManager::Grant(const LeaseOwner &owner, Node &node, Connection &conn, T
     return r != nullptr && Guarded(r, [&] { return r->OnGrant(owner.task, node, conn, now); });
 }
 
-void PoolManager::LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
-                             TimestampTz now)
+void PoolManager::LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now)
 {
     if (Request *r = FindRequest(owner.request_key))
         Guarded(r, [&] { r->OnReady(owner.task, node, conn, now); });
@@ -405,10 +404,11 @@ void PoolManager::ScanRequestSlots(TimestampTz now)
                 requests_[key] = std::make_unique<Request>(*this, i, key, now);
                 if (shutdown_requested)
                     // Draining for shutdown: take no new work, say so at once (SPEC section 7).
-                    requests_[key]->Refuse(ERRCODE_ADMIN_SHUTDOWN,
-                                           "the pg_peerpool pool manager is shutting down",
-                                           "It takes no new calls while its running calls finish; "
-                                           "it restarts automatically unless the server is stopping.");
+                    requests_[key]
+                        ->Refuse(ERRCODE_ADMIN_SHUTDOWN,
+                                 "the pg_peerpool pool manager is shutting down",
+                                 "It takes no new calls while its running calls finish; "
+                                 "it restarts automatically unless the server is stopping.");
             } catch (const std::exception &e) {
                 // Could not even attach: free the slot; the caller sees it and fails.
                 requests_.erase(key);
@@ -551,9 +551,10 @@ void PoolManager::RebuildWaitSetIfNeeded()
     }
     bool same = wait_set_ != nullptr && wanted.size() == registered_.size();
     for (size_t i = 0; same && i < wanted.size(); i++)
-        same = wanted[i].node == registered_[i].node && wanted[i].conn_id == registered_[i].conn_id &&
-               wanted[i].socket == registered_[i].socket && wanted[i].events == registered_[i].events &&
-               wanted[i].epoch == registered_[i].epoch;
+        same = wanted[i].node == registered_[i].node &&
+               wanted[i].conn_id == registered_[i].conn_id &&
+               wanted[i].socket == registered_[i].socket &&
+               wanted[i].events == registered_[i].events && wanted[i].epoch == registered_[i].epoch;
     if (same)
         return;
 
@@ -622,7 +623,8 @@ void PoolManager::DispatchEvents(const WaitEvent *fired, int count, TimestampTz 
 void PoolManager::Shutdown()
 {
     // Stop taking work; let callers' queries finish until drain_timeout, then cancel the rest.
-    TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), peerpool_drain_timeout);
+    TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+                                                       peerpool_drain_timeout);
     // Calls that arrive from now on are refused (ScanRequestSlots); the drain waits only for
     // the calls accepted before, and ends as soon as they have.
     auto in_flight = [&] {
@@ -644,7 +646,8 @@ void PoolManager::Shutdown()
         if (fired_.size() < registered_.size() + 3)
             fired_.resize(registered_.size() + 3);
         long timeout = std::max<long>(1, std::min<long>(SleepMs(now),
-                                      TimestampDifferenceMilliseconds(now, deadline)));
+                                                        TimestampDifferenceMilliseconds(now,
+                                                                                        deadline)));
         WaitEvent *events = fired_.data();
         int size = static_cast<int>(fired_.size());
         int n = pg::Call([&] {

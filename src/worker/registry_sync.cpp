@@ -162,13 +162,13 @@ RegistryDiff DiffRegistry(const std::vector<NodeConfig> &before,
         }
         const NodeConfig &o = *it->second;
         // A change of the password rule recycles connections like a new conninfo.
-        bool conninfo_changed =
-            o.conninfo != n.conninfo || o.password_required != n.password_required;
+        bool conninfo_changed = o.conninfo != n.conninfo ||
+                                o.password_required != n.password_required;
         if (conninfo_changed)
             diff.conninfo_changed.push_back(n.name);
         if (conninfo_changed || o.min_connections != n.min_connections ||
-            o.max_connections != n.max_connections || o.role != n.role ||
-            o.weight != n.weight || o.enabled != n.enabled)
+            o.max_connections != n.max_connections || o.role != n.role || o.weight != n.weight ||
+            o.enabled != n.enabled)
             diff.changed.push_back(n);
         old_by_name.erase(it);
     }
@@ -249,8 +249,9 @@ std::vector<std::string> MirrorRegistry(const Registry &registry, uint64 generat
     }
     for (const std::string &name : skipped)
         pg::Call([&] {
-            ereport(WARNING, (errmsg("pg_peerpool: node \"%s\" ignored: no free slot", name.c_str()),
-                              errdetail("peerpool.max_nodes is %d.", state.max_nodes)));
+            ereport(WARNING,
+                    (errmsg("pg_peerpool: node \"%s\" ignored: no free slot", name.c_str()),
+                     errdetail("peerpool.max_nodes is %d.", state.max_nodes)));
         });
     return mirrored;
 }

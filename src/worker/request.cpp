@@ -150,7 +150,8 @@ void Request::Step(TimestampTz now)
                        now);
             continue;
         }
-        if (t.state == TASK_RUNNING && t.paused && outbox_bytes_ < kOutboxLimit && node != nullptr) {
+        if (t.state == TASK_RUNNING && t.paused && outbox_bytes_ < kOutboxLimit &&
+            node != nullptr) {
             Connection *conn = node->LeasedConnection(t.conn_id);
             if (conn != nullptr)
                 Pump(static_cast<int>(i), *node, *conn, false, now);
@@ -313,8 +314,8 @@ void Request::Pump(int index, Node &node, Connection &conn, bool read_socket, Ti
     Task &t = tasks_[index];
     if (t.state != TASK_RUNNING)
         return;
-    PumpStatus status =
-        conn.Pump([&](PGresult *res) { return HandleResult(index, res); }, read_socket);
+    PumpStatus status = conn.Pump([&](PGresult *res) { return HandleResult(index, res); },
+                                  read_socket);
     t.paused = status == PUMP_PAUSED;
     if (t.too_big) {
         // The node's query goes on without us: cancel it, drop its results, fail the node.

@@ -36,8 +36,8 @@ enum PumpStatus {
 // What a finished query produced.
 struct QueryOutcome {
     bool ok = false;
-    std::string error;    // when !ok (libpq's message, one line)
-    std::string sqlstate; // when the server sent one
+    std::string error;                          // when !ok (libpq's message, one line)
+    std::string sqlstate;                       // when the server sent one
     std::vector<std::vector<std::string>> rows; // text values ("" for NULL, see nulls)
     std::vector<std::vector<bool>> nulls;
 };
@@ -95,7 +95,7 @@ public:
     TimestampTz deadline() const { return deadline_; }
     TimestampTz query_started() const { return query_started_; }
     bool ever_connected() const { return connected_at_ != 0; }
-    bool recycle_requested = false; // close at the next return to the pool
+    bool recycle_requested = false;  // close at the next return to the pool
     bool counted_connecting = false; // counted in the fleet's attempts in flight
     // The node's conninfo was set by a non-superuser (SPEC section 2): the server reached must
     // have authenticated us with the conninfo's password, or the connection is closed as soon

@@ -34,7 +34,10 @@ struct LeaseOwner {
     uint64 request_key = 0; // 0 = nobody
     int task = -1;
     bool valid() const { return request_key != 0; }
-    bool operator==(const LeaseOwner &o) const { return request_key == o.request_key && task == o.task; }
+    bool operator==(const LeaseOwner &o) const
+    {
+        return request_key == o.request_key && task == o.task;
+    }
 };
 
 // What a node needs from the pool manager that owns every node.
@@ -76,10 +79,7 @@ public:
     NodeState state() const { return state_; }
     const NodeConfig &config() const { return config_; }
     // The configured role, or the detected one when configured as auto.
-    NodeRole EffectiveRole() const
-    {
-        return config_.role == NODE_ROLE_AUTO ? role_ : config_.role;
-    }
+    NodeRole EffectiveRole() const { return config_.role == NODE_ROLE_AUTO ? role_ : config_.role; }
     double latency_ms() const { return latency_ms_; }
     const std::string &last_error() const { return last_error_; }
     int busy_connections() const;
@@ -142,12 +142,12 @@ private:
     enum JobKind { JOB_CANCEL, JOB_ROLLBACK, JOB_RESET };
     struct Job {
         JobKind kind;
-        int target_pid;       // JOB_CANCEL: the backend whose query is cancelled
-        bool close_after;     // JOB_CANCEL on an extra connection: close it when done
+        int target_pid;   // JOB_CANCEL: the backend whose query is cancelled
+        bool close_after; // JOB_CANCEL on an extra connection: close it when done
         TimestampTz deadline;
     };
     struct Lease {
-        LeaseOwner owner;     // invalid once the caller gave up (orphan: results discarded)
+        LeaseOwner owner; // invalid once the caller gave up (orphan: results discarded)
         TimestampTz started;
         TimestampTz orphan_deadline;
     };
@@ -247,15 +247,15 @@ private:
     mutable bool ever_published_ = false;
 
     std::deque<Waiter> waiters_;
-    std::map<uint64, Lease> leases_; // conn id -> lease (connections in CONN_STATE_BUSY)
-    std::map<uint64, Job> jobs_;     // conn id -> our own query in flight
+    std::map<uint64, Lease> leases_;   // conn id -> lease (connections in CONN_STATE_BUSY)
+    std::map<uint64, Job> jobs_;       // conn id -> our own query in flight
     std::vector<int> pending_cancels_; // backend pids waiting for a connection to cancel them
     // Connections whose cancelled query ended before the cancel was delivered: held out of the
     // pool until the cancel has run, so it cannot hit the next caller's query. conn id -> pid.
     std::map<uint64, int> held_for_cancel_;
-    bool check_starved_ = false; // a check is due but a local limit left it no connection
-    TimestampTz check_blocked_until_ = 0; // ... so no new check before this
-    TimestampTz starved_since_ = 0;       // when check_starved_ was set
+    bool check_starved_ = false;           // a check is due but a local limit left it no connection
+    TimestampTz check_blocked_until_ = 0;  // ... so no new check before this
+    TimestampTz starved_since_ = 0;        // when check_starved_ was set
     TimestampTz growth_blocked_until_ = 0; // a growth connection was refused: not before this
 };
 

@@ -10,7 +10,7 @@
 namespace peerpool {
 
 struct RouteResult {
-    Node *node = nullptr;  // chosen node, or nullptr with the error below
+    Node *node = nullptr; // chosen node, or nullptr with the error below
     int sqlerrcode = 0;
     std::string message;
     std::string detail;

@@ -20,7 +20,7 @@ Registry LoadRegistry();
 // What changed between two registry snapshots, by node name.
 struct RegistryDiff {
     std::vector<NodeConfig> added;
-    std::vector<NodeConfig> changed; // new configuration
+    std::vector<NodeConfig> changed;           // new configuration
     std::vector<std::string> conninfo_changed; // names whose conninfo changed
     std::vector<std::string> removed;
 };

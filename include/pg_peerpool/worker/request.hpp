@@ -66,7 +66,7 @@ private:
         bool columns_sent = false;
         bool paused = false;
         bool failed = false;
-        bool copy = false; // the query started COPY: the connection must be discarded
+        bool copy = false;    // the query started COPY: the connection must be discarded
         bool too_big = false; // a row exceeded kMaxMessageBytes: stop and cancel the query
         std::string sqlstate, message, detail, hint;
     };
@@ -89,7 +89,7 @@ private:
     TimestampTz started_;
     TimestampTz deadline_ = 0;         // timeout_ms
     TimestampTz acquire_deadline_ = 0; // acquire_timeout
-    MemoryContext context_ = nullptr; // owns the queue handles
+    MemoryContext context_ = nullptr;  // owns the queue handles
     shm_mq_handle *in_ = nullptr;
     shm_mq_handle *out_ = nullptr;
     bool launched_ = false;
