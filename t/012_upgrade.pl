@@ -52,8 +52,12 @@ ok( defined PeerpoolFleet::wait_for_health($old,
 		"count(*) FILTER (WHERE node_name = 'peer1' AND state = 'healthy') = 1 AND count(*) = 3"),
 	'0.1.0: the peer is healthy');
 
-my $rows_sql = 'SELECT * FROM peerpool.node ORDER BY node_name';
-my $nodes_sql = 'SELECT * FROM peerpool.nodes ORDER BY node_name';
+# 0.1.0's columns (0.2.0 adds some, e.g. conninfo_owner: existing rows get the extension
+# owner, which t/033_upgrade_ownership.pl checks).
+my $rows_sql = 'SELECT node_name, conninfo, min_connections, max_connections, role, weight, '
+  . 'enabled, created_at, updated_at FROM peerpool.node ORDER BY node_name';
+my $nodes_sql = 'SELECT node_name, conninfo, role, weight, min_connections, max_connections, '
+  . 'enabled FROM peerpool.nodes ORDER BY node_name';
 my $health_sql =
   "SELECT node_name, state, role, state_since FROM peerpool.node_health WHERE node_name = 'peer1'";
 my $rows_before = $old->safe_psql('postgres', $rows_sql);

@@ -338,7 +338,8 @@ void Request::Pump(int index, Node &node, Connection &conn, bool read_socket, Ti
         if (broken && !t.failed) {
             t.failed = true;
             t.sqlstate = SqlState(ERRCODE_CONNECTION_FAILURE);
-            t.message = "connection lost: " + conn.error();
+            t.message = Format("node \"%s\": connection lost: %s", t.node.c_str(),
+                               conn.error().c_str());
         }
         bool ok = !t.failed;
         std::string sqlstate = t.sqlstate, message = t.message;
