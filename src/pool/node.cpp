@@ -250,6 +250,7 @@ bool Node::OldestIdle(TimestampTz &lru) const
 
 bool Node::CloseOldestIdle()
 {
+    dirty_ = true;
     TimestampTz lru = 0;
     if (!OldestIdle(lru))
         return false;
@@ -274,6 +275,7 @@ void Node::LogNotices(Connection *conn)
 
 void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
 {
+    dirty_ = true;
     bool conninfo_changed = config.conninfo != config_.conninfo ||
                             config.password_required != config_.password_required;
     bool was_enabled = config_.enabled;
@@ -310,6 +312,7 @@ void Node::Reconfigure(const NodeConfig &config, TimestampTz now)
 
 void Node::StartDraining(TimestampTz now)
 {
+    dirty_ = true;
     drain_deadline_ = After(now, peerpool_drain_timeout);
     Transition(NODE_STATE_DRAINING, "node removed", now);
     FailWaiters(ERRCODE_CONNECTION_FAILURE, "node removed", now);
@@ -651,6 +654,7 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
 
 void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
 {
+    dirty_ = true;
     Connection *conn = FindConnection(conn_id);
     if (conn == nullptr)
         return;
@@ -711,6 +715,7 @@ void Node::OnResolved(TimestampTz now)
     for (const auto &c : conns_) {
         if (!c->resolving() || c->state() != CONN_STATE_CONNECTING)
             continue;
+        dirty_ = true;
         ConnOptions options = c->unresolved_options();
         std::string error;
         switch (fleet_.resolver().Resolve(options, now, error)) {
@@ -889,6 +894,19 @@ void Node::Manage(TimestampTz now)
     }
     }
     Publish();
+    dirty_ = false;
+    cached_wake_ = NextWake();
+}
+
+bool Node::Due(TimestampTz now) const
+{
+    if (dirty_ || !waiters_.empty() || !pending_cancels_.empty())
+        return true;
+    if (cached_wake_ != 0 && now >= cached_wake_)
+        return true;
+    // pool_check_health() (two atomic reads; it also sets our latch)
+    return pg_atomic_read_u64(&Slot().check_requested) >
+           pg_atomic_read_u64(&Slot().check_completed);
 }
 
 TimestampTz Node::NextWake() const
@@ -992,6 +1010,7 @@ int Node::busy_connections() const
 
 void Node::Enqueue(const LeaseOwner &owner, TimestampTz acquire_deadline, TimestampTz now)
 {
+    dirty_ = true;
     waiters_.push_back({owner, acquire_deadline, now});
     GrantWaiting(now);
     Publish();
@@ -999,6 +1018,7 @@ void Node::Enqueue(const LeaseOwner &owner, TimestampTz acquire_deadline, Timest
 
 void Node::CancelWait(const LeaseOwner &owner)
 {
+    dirty_ = true;
     for (auto it = waiters_.begin(); it != waiters_.end(); ++it)
         if (it->owner == owner) {
             waiters_.erase(it);
@@ -1068,6 +1088,7 @@ void Node::GrantWaiting(TimestampTz now)
 
 void Node::ReleaseLease(uint64 conn_id, bool ok, TimestampTz now)
 {
+    dirty_ = true;
     auto it = leases_.find(conn_id);
     if (it == leases_.end())
         return;
@@ -1126,6 +1147,7 @@ bool Node::StartJob(Connection *conn, JobKind kind, const std::string &sql, Time
 
 void Node::AbortLease(uint64 conn_id, TimestampTz now)
 {
+    dirty_ = true;
     auto it = leases_.find(conn_id);
     Connection *conn = FindConnection(conn_id);
     if (it == leases_.end() || conn == nullptr)
@@ -1149,6 +1171,7 @@ void Node::AbortLease(uint64 conn_id, TimestampTz now)
 
 void Node::DiscardLease(uint64 conn_id)
 {
+    dirty_ = true;
     auto it = leases_.find(conn_id);
     if (it != leases_.end()) {
         pg_atomic_fetch_add_u64(&Slot().queries, 1);

@@ -185,6 +185,7 @@ private:
         pgsocket socket;
         uint32 events;
         uint32 epoch;
+        int position; // in wait_set_
     };
     WaitEventSet *wait_set_ = nullptr;
     std::vector<Registered> registered_;
@@ -547,16 +548,28 @@ void PoolManager::RebuildWaitSetIfNeeded()
         interests.clear();
         node->CollectSockets(interests);
         for (const auto &i : interests)
-            wanted.push_back({node.get(), i.conn_id, i.socket, i.events, i.epoch});
+            wanted.push_back({node.get(), i.conn_id, i.socket, i.events, i.epoch, -1});
     }
     bool same = wait_set_ != nullptr && wanted.size() == registered_.size();
     for (size_t i = 0; same && i < wanted.size(); i++)
         same = wanted[i].node == registered_[i].node &&
                wanted[i].conn_id == registered_[i].conn_id &&
-               wanted[i].socket == registered_[i].socket &&
-               wanted[i].events == registered_[i].events && wanted[i].epoch == registered_[i].epoch;
-    if (same)
+               wanted[i].socket == registered_[i].socket && wanted[i].epoch == registered_[i].epoch;
+    if (same) {
+        // The same sockets: only what we wait for on some of them changed (a query sent, a
+        // connection attempt turning from writing to reading). One epoll_ctl each, instead of
+        // a new set with every socket of the fleet in it.
+        WaitEventSet *set = wait_set_;
+        for (size_t i = 0; i < wanted.size(); i++) {
+            if (wanted[i].events == registered_[i].events)
+                continue;
+            Registered &r = registered_[i];
+            uint32 events = wanted[i].events;
+            pg::Call([&] { ModifyWaitEvent(set, r.position, events, nullptr); });
+            r.events = events;
+        }
         return;
+    }
 
     registered_ = std::move(wanted);
     WaitEventSet *old = wait_set_;
@@ -573,7 +586,8 @@ void PoolManager::RebuildWaitSetIfNeeded()
         if (resolver_fd >= 0)
             AddWaitEventToSet(set, WL_SOCKET_READABLE, resolver_fd, nullptr, &resolver_);
         for (size_t i = 0; i < count; i++)
-            AddWaitEventToSet(set, entries[i].events, entries[i].socket, nullptr, &entries[i]);
+            entries[i].position = AddWaitEventToSet(set, entries[i].events, entries[i].socket,
+                                                    nullptr, &entries[i]);
         return set;
     });
 }
@@ -582,7 +596,9 @@ long PoolManager::SleepMs(TimestampTz now) const
 {
     TimestampTz wake = next_recheck_;
     for (const auto &[name, node] : nodes_) {
-        TimestampTz t = node->NextWake();
+        if (node->Dirty())
+            return 0; // touched after it was managed (a request step): manage it first
+        TimestampTz t = node->CachedWake();
         if (t != 0 && t < wake)
             wake = t;
     }
@@ -740,6 +756,8 @@ void PoolManager::Run()
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
             pg::Call([] { ProcessConfigFile(PGC_SIGHUP); });
+            for (auto &[name, node] : nodes_)
+                node->Touch(); // timers depend on the settings
         }
 
         TimestampTz now = GetCurrentTimestamp();
@@ -748,7 +766,8 @@ void PoolManager::Run()
         now = GetCurrentTimestamp();
         ScanRequestSlots(now);
         for (auto &[name, node] : nodes_)
-            node->Manage(now);
+            if (node->Due(now)) // most of a large fleet has nothing to do on a given wake
+                node->Manage(now);
         StepRequests(now);
         for (auto it = nodes_.begin(); it != nodes_.end();) {
             if (it->second->Drained()) {

@@ -111,6 +111,14 @@ public:
     void OnResolved(TimestampTz now);
     // Earliest time Manage must run again (0: nothing scheduled).
     TimestampTz NextWake() const;
+    // Whether Manage has anything to do now: something happened to the node since it last ran
+    // (every public mutator marks it), a timer is due, or work waits (callers, cancels, a
+    // pool_check_health() request). With 1,000 nodes the loop manages only these.
+    bool Due(TimestampTz now) const;
+    bool Dirty() const { return dirty_; }
+    void Touch() { dirty_ = true; }
+    // NextWake() as of the end of the last Manage (valid while !Dirty()).
+    TimestampTz CachedWake() const { return cached_wake_; }
 
     struct SocketInterest {
         uint64 conn_id;
@@ -253,6 +261,8 @@ private:
     // Connections whose cancelled query ended before the cancel was delivered: held out of the
     // pool until the cancel has run, so it cannot hit the next caller's query. conn id -> pid.
     std::map<uint64, int> held_for_cancel_;
+    bool dirty_ = true;                    // see Due()
+    TimestampTz cached_wake_ = 0;          // NextWake() at the end of the last Manage
     bool check_starved_ = false;           // a check is due but a local limit left it no connection
     TimestampTz check_blocked_until_ = 0;  // ... so no new check before this
     TimestampTz starved_since_ = 0;        // when check_starved_ was set
