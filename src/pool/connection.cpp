@@ -179,6 +179,19 @@ void Connection::MarkBroken(const std::string &why)
         error_ = why.empty() ? "connection lost" : why;
 }
 
+bool Connection::StillAlive()
+{
+    if (conn_ == nullptr || state_ != CONN_STATE_IDLE)
+        return state_ != CONN_STATE_BROKEN;
+    if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) == CONNECTION_BAD) {
+        MarkBroken(OneLine(PQerrorMessage(conn_)));
+        return false;
+    }
+    while (PGnotify *n = PQnotifies(conn_))
+        PQfreemem(n);
+    return true;
+}
+
 void Connection::MarkIdle(TimestampTz now)
 {
     state_ = CONN_STATE_IDLE;

@@ -219,6 +219,19 @@ Connection *Node::FindConnection(uint64 id) const
     return nullptr;
 }
 
+// An idle connection whose session the peer has not ended: what already arrived on its socket
+// (a FATAL "terminating connection", EOF) is read first, and a dead one is closed, not handed
+// to a caller or a check.
+Connection *Node::LiveIdleConnection(TimestampTz now)
+{
+    for (;;) {
+        Connection *idle = IdleConnection();
+        if (idle == nullptr || idle->StillAlive())
+            return idle;
+        HandleBrokenConnection(idle, now);
+    }
+}
+
 Connection *Node::IdleConnection() const
 {
     // Most recently used first: keeps the others idle long enough to be trimmed.
@@ -336,11 +349,14 @@ void Node::StartCheck(TimestampTz now)
     bool attempt = !Serving(); // connecting or reconnecting: connect + check
     check_deadline_ = After(now, static_cast<int64>(peerpool_health_check_timeout) +
                                      (attempt ? peerpool_connect_timeout : 0));
-    if (Connection *idle = IdleConnection()) {
+    if (Connection *idle = LiveIdleConnection(now)) {
         check_starved_ = false;
+        check_reused_ = true;
         RunCheckOn(idle, now);
         return;
     }
+    if (state_ == NODE_STATE_DRAINING || state_ == NODE_STATE_DISCONNECTED)
+        return; // LiveIdleConnection may have closed the last connection of a node going away
     // Every connection is busy (or there is none yet). Below max_connections the check opens a
     // pool connection. At max_connections it first waits for the next connection a caller
     // returns (ahead of waiting callers, GrantWaiting), so short calls never see more than
@@ -371,6 +387,7 @@ void Node::StartCheck(TimestampTz now)
         return;
     }
     check_starved_ = false;
+    check_reused_ = false;
     check_phase_ = CHECK_CONNECTING;
     check_conn_ = conn->id();
     if (conn->state() == CONN_STATE_BROKEN)
@@ -642,8 +659,15 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
         }
         return;
     }
+    if (was_check && check_reused_) {
+        // A pooled session that the peer had already ended (pg_terminate_backend,
+        // idle_session_timeout): it says nothing about the node. Look again at once, on
+        // another connection or a new one; a dead node then fails to connect (a hard failure).
+        next_check_at_ = now;
+        return;
+    }
     if (was_check) {
-        // The check's connection broke under it: count it, and look again at once.
+        // The check's own connection broke under it: count it, and look again at once.
         CheckFailed("connection lost during health check: " + error, "", false, true, now);
         return;
     }
@@ -694,6 +718,7 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
         QueryOutcome outcome = conn->TakeOutcome();
         check_phase_ = CHECK_NONE;
         bool lost = conn->state() == CONN_STATE_BROKEN && !outcome.ok;
+        bool stale_session = lost && check_reused_; // see HandleBrokenConnection
         if (conn->state() == CONN_STATE_BROKEN) {
             // Finished, but the connection is unusable (lost, or left in a transaction).
             CloseConnection(conn_id, false);
@@ -705,6 +730,11 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
             CloseConnection(conn_id, false);
         } else {
             GrantWaiting(now);
+        }
+        if (stale_session) {
+            next_check_at_ = now;
+            Publish();
+            return;
         }
         FinishCheck(outcome, lost, now);
     }
@@ -1054,8 +1084,8 @@ void Node::GrantWaiting(TimestampTz now)
     if (!Serving())
         return;
     while (!waiters_.empty()) {
-        Connection *idle = IdleConnection();
-        if (idle == nullptr)
+        Connection *idle = LiveIdleConnection(now);
+        if (idle == nullptr || !Serving())
             break;
         Waiter w = waiters_.front();
         waiters_.pop_front();

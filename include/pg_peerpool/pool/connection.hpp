@@ -86,6 +86,9 @@ public:
     QueryOutcome TakeOutcome();
 
     void MarkBroken(const std::string &why);
+    // For an idle connection: reads whatever the server sent meanwhile (without waiting) and
+    // returns false, marking it broken, if the session has ended.
+    bool StillAlive();
     void MarkIdle(TimestampTz now);
 
     const std::string &error() const { return error_; }

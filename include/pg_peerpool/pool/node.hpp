@@ -179,6 +179,7 @@ private:
     void SettleConnecting(Connection *conn);
     Connection *FindConnection(uint64 id) const;
     Connection *IdleConnection() const;
+    Connection *LiveIdleConnection(TimestampTz now);
     int ConnectionCount(ConnState state) const;
 
     void StartCheck(TimestampTz now);
@@ -263,6 +264,7 @@ private:
     std::map<uint64, int> held_for_cancel_;
     bool dirty_ = true;                    // see Due()
     TimestampTz cached_wake_ = 0;          // NextWake() at the end of the last Manage
+    bool check_reused_ = false;            // the running check uses a pooled session, not its own
     bool check_starved_ = false;           // a check is due but a local limit left it no connection
     TimestampTz check_blocked_until_ = 0;  // ... so no new check before this
     TimestampTz starved_since_ = 0;        // when check_starved_ was set
