@@ -123,7 +123,9 @@ $elapsed = $pid_changed->($pid1 // 0, start => $t_first);
 ok(defined $elapsed, "$p2: the replacement was replaced in turn");
 note sprintf('%s: second replacement %.1f ms after the first (max_lifetime 2 s, checks every %d s)',
 	$p2, 1000 * ($elapsed // 0), $interval_s);
-cmp_ok($elapsed // 0, '>=', 1.8, "$p2: a connection lives at least max_lifetime");
+# Both replacements are seen by polling (a psql start per poll): the first one seen late
+# shortens the measured gap by up to one poll on a loaded machine.
+cmp_ok($elapsed // 0, '>=', 1.4, "$p2: a connection lives at least max_lifetime (less one poll)");
 cmp_ok($elapsed // 9**9**9, '<', 2 + $interval_s + 1.5, "$p2: recycled soon after max_lifetime");
 cmp_ok(stat_of($coord, $p2, 'recycled'), '>=', $recycled0 + 2, "$p2: pool_stats.recycled counts both");
 PeerpoolFleet::set_gucs($coord, 'peerpool.max_lifetime' => undef);
@@ -265,8 +267,10 @@ my $stopped = time;
 note sprintf('coordinator fast shutdown took %.1f ms', 1000 * ($stopped - $t_stop));
 for my $name ($p1, $p3)
 {
+	# Measured from the end of pg_ctl stop, so the second peer's time includes the first peer's
+	# poll (a psql start each, slow on a loaded machine): the bound allows for that.
 	PeerpoolFleet::timed_ok(wait_sessions($peer{$name}, 0, start => $stopped, timeout => 10),
-		1, "$name: no pooled session left after the coordinator stopped");
+		3, "$name: no pooled session left after the coordinator stopped");
 	is(join("\n", eof_lines($peer{$name}, $off{$name}, @{ $pids{$name} })), '',
 		"$name: every pooled session was closed with a Terminate message");
 }
