@@ -82,6 +82,11 @@ for my $round (1 .. 5)
 	$t0 = time;
 	$victim->safe_psql('postgres',
 		q{SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pg_peerpool'});
+	# pg_terminate_backend() returns once the signal is sent: the claim is about sessions the
+	# peer has already ended, so the call waits until the terminated backends are gone.
+	PeerpoolFleet::wait_until($victim,
+		'SELECT count(*) = 0 FROM pg_stat_activity WHERE pid IN (' . join(', ', @old, 0) . ')',
+		timeout => 10);
 	($secs, $rows) = pq('SELECT 1');
 	note sprintf('round %d: idle sessions terminated: a call %.1f ms after: %s', $round, 1000 * (time - $t0), describe($rows));
 	is($rows->{$dn}[0], 't', "round $round: idle sessions terminated: the other node answers");
