@@ -35,7 +35,7 @@ ok(defined PeerpoolFleet::wait_for_health($coord, "count(*) FILTER (WHERE state 
 # seen meanwhile (ms).
 $coord->safe_psql('postgres', q{
 CREATE FUNCTION probe(secs float8, OUT max_ms float8, OUT calls int, OUT failures int,
-                      OUT max_check_gap_ms float8)
+                      OUT max_check_gap_ms float8, OUT slow_calls int)
 LANGUAGE plpgsql AS $$
 DECLARE
     stop timestamptz := clock_timestamp() + make_interval(secs => secs);
@@ -45,12 +45,13 @@ DECLARE
     prev_change timestamptz := clock_timestamp();
     seen timestamptz;
 BEGIN
-    max_ms := 0; calls := 0; failures := 0; max_check_gap_ms := 0;
+    max_ms := 0; calls := 0; failures := 0; max_check_gap_ms := 0; slow_calls := 0;
     SELECT last_check INTO last FROM peerpool.node_health WHERE node_name = 'peer1';
     WHILE clock_timestamp() < stop LOOP
         t0 := clock_timestamp();
         SELECT success INTO ok FROM peerpool.parallel_query('SELECT 1', ARRAY['peer1'], timeout_ms => 200);
         max_ms := greatest(max_ms, 1000 * extract(epoch FROM clock_timestamp() - t0));
+        IF clock_timestamp() - t0 > interval '100 ms' THEN slow_calls := slow_calls + 1; END IF;
         calls := calls + 1;
         IF NOT ok THEN failures := failures + 1; END IF;
         SELECT last_check INTO seen FROM peerpool.node_health WHERE node_name = 'peer1';
@@ -69,12 +70,16 @@ sub probe_ok
 {
 	my ($what, $secs) = @_;
 	my ($ret, $out, $err) = $coord->psql('postgres',
-		"SET statement_timeout = '20s'; SELECT round(max_ms::numeric, 1), calls, failures, round(max_check_gap_ms::numeric) FROM probe($secs)");
-	my ($max, $calls, $failures, $gap) = split /\|/, ($out // '');
-	note sprintf('%s: %s calls to peer1, slowest %s ms, %s failed; longest gap between checks %s ms',
-		$what, $calls // '?', $max // '?', $failures // '?', $gap // '?');
+		"SET statement_timeout = '20s'; SELECT round(max_ms::numeric, 1), calls, failures, round(max_check_gap_ms::numeric), slow_calls FROM probe($secs)");
+	my ($max, $calls, $failures, $gap, $slow) = split /\|/, ($out // '');
+	note sprintf('%s: %s calls to peer1, slowest %s ms, %s over 100 ms, %s failed; longest gap between checks %s ms',
+		$what, $calls // '?', $max // '?', $slow // '?', $failures // '?', $gap // '?');
 	is($ret, 0, "$what: the probe ran") or diag $err;
-	cmp_ok($max // 1e9, '<', 100, "$what: calls to another node keep their normal time (< 100 ms)");
+	# A stalled loop holds every call for the whole obstacle (seconds, on 0.1 code); one call
+	# the scheduler of a busy 2-core machine delays is not a stall.
+	cmp_ok($max // 1e9, '<', 1000, "$what: no call is held by the obstacle (slowest < 1 s)");
+	cmp_ok($slow // 1e9, '<=', 0.02 * ($calls // 0),
+		"$what: calls to another node keep their normal time (< 100 ms for 98 % of them)");
 	is($failures, 0, "$what: none failed");
 	cmp_ok($gap // 1e9, '<', 4 * $interval_ms + 300, "$what: health checks keep their interval");
 }
