@@ -140,6 +140,12 @@ void Connection::NoticeReceiver(void *arg, const PGresult *res)
     // notices of any size: keep kMaxNotices until the owner logs them (after each query), each cut
     // to kMaxNoticeBytes (at a UTF-8 boundary), and only count the rest.
     auto *self = static_cast<Connection *>(arg);
+    // A FATAL that arrives while the session is idle (idle_session_timeout,
+    // pg_terminate_backend) comes to us as a notice, before the server closes the socket: the
+    // session is over even though libpq still says CONNECTION_OK (see StillAlive).
+    const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    if (severity != nullptr && (strcmp(severity, "FATAL") == 0 || strcmp(severity, "PANIC") == 0))
+        self->fatal_received_ = true;
     try {
         if (self->notices_.size() >= kMaxNotices) {
             self->notices_dropped_++;
@@ -185,6 +191,10 @@ bool Connection::StillAlive()
         return state_ != CONN_STATE_BROKEN;
     if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) == CONNECTION_BAD) {
         MarkBroken(OneLine(PQerrorMessage(conn_)));
+        return false;
+    }
+    if (fatal_received_) {
+        MarkBroken("the server ended the session");
         return false;
     }
     while (PGnotify *n = PQnotifies(conn_))

@@ -134,7 +134,8 @@ private:
     std::vector<std::string> notices_;
     uint64 notices_dropped_ = 0;
     bool resolving_ = false;
-    ConnOptions unresolved_; // while resolving_: the options before name resolution
+    bool fatal_received_ = false; // the server sent FATAL/PANIC (as a notice, while idle)
+    ConnOptions unresolved_;      // while resolving_: the options before name resolution
 };
 
 // Bounds on what a peer's notices may cost us per query (memory held, lines logged).
