@@ -246,10 +246,11 @@ void Request::Launch(TimestampTz now)
     }
 }
 
-void Request::Fail(int sqlerrcode, const std::string &message, const std::string &detail)
+void Request::Fail(int sqlerrcode, const std::string &message, const std::string &detail,
+                   const std::string &hint)
 {
     protocol::Writer w('X');
-    w.Str(SqlState(sqlerrcode)).Str(message).Str(detail).Str("");
+    w.Str(SqlState(sqlerrcode)).Str(message).Str(detail).Str(hint);
     Queue(std::move(w.buffer()), true);
     Queue(std::string(1, 'E'), true);
     launched_ = true;
@@ -490,10 +491,10 @@ void Request::DropQueuedRows(int index)
 {
     for (auto it = outbox_.begin(); it != outbox_.end();) {
         const std::string &m = it->first;
-        uint32_t task = 0;
-        if ((m[0] == 'R' || m[0] == 'C') && m.size() >= 5)
+        uint32_t task = UINT32_MAX; // rows ('R') and columns ('C') start with their task
+        if ((m[0] == 'R' || m[0] == 'C') && m.size() >= 1 + sizeof(task))
             memcpy(&task, m.data() + 1, sizeof(task));
-        if ((m[0] == 'R' || m[0] == 'C') && m.size() >= 5 && task == static_cast<uint32_t>(index)) {
+        if (task == static_cast<uint32_t>(index)) {
             outbox_bytes_ -= m.size();
             it = outbox_.erase(it);
         } else {
@@ -505,12 +506,7 @@ void Request::DropQueuedRows(int index)
 void Request::Refuse(int sqlerrcode, const std::string &message, const std::string &hint)
 {
     refused_ = true;
-    protocol::Writer w('X');
-    w.Str(SqlState(sqlerrcode)).Str(message).Str("").Str(hint);
-    Queue(std::move(w.buffer()), true);
-    Queue(std::string(1, 'E'), true);
-    launched_ = true;
-    end_queued_ = true;
+    Fail(sqlerrcode, message, "", hint);
     Flush();
 }
 

@@ -72,7 +72,8 @@ private:
     };
 
     void Launch(TimestampTz now);
-    void Fail(int sqlerrcode, const std::string &message, const std::string &detail);
+    void Fail(int sqlerrcode, const std::string &message, const std::string &detail,
+              const std::string &hint = "");
     void FinishTask(int index, bool success, const std::string &sqlstate,
                     const std::string &message, TimestampTz now);
     void Pump(int index, Node &node, Connection &conn, bool read_socket, TimestampTz now);
