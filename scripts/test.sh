@@ -3,7 +3,7 @@
 # pg_regress (temporary instance with the library preloaded) and the TAP suite, then the
 # same regression suite against an ASan+UBSan build. Works as root (tests run as postgres in a
 # scratch copy) and as a normal user (install through sudo).
-set -euo pipefail
+set -Eeuo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 . "$SRC/scripts/lib.sh"
 

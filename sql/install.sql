@@ -16,8 +16,9 @@ SELECT pg_describe_object(classid, objid, 0) AS object
 -- The registry table is dumped by pg_dump.
 SELECT extconfig::regclass[] FROM pg_extension WHERE extname = 'pg_peerpool';
 
--- Every GUC of SPEC section 6, with its default, unit and context.
-SELECT name, setting, unit, context, vartype
+-- Every GUC of SPEC section 6, with its default, unit and context (boot_val: test/regress.conf
+-- changes some settings of the test instance).
+SELECT name, boot_val AS default, unit, context, vartype
   FROM pg_settings WHERE name LIKE 'peerpool.%' ORDER BY name;
 
 -- The prefix is reserved: a misspelt GUC is refused.
