@@ -70,6 +70,14 @@ deadline=$(( $(date +%s) + 120 ))
 while [ "$(date +%s)" -lt "$deadline" ]; do
     healthy=$(psql_c -c "SELECT count(*) FILTER (WHERE state = 'healthy') FROM peerpool.node_health")
     [ "$healthy" -ge "$NODES" ] && break
+    if [ -n "${SCALE_VERBOSE:-}" ] && [ $(( $(date +%s) % 5 )) = 0 ]; then
+        psql_c -c "SELECT round(extract(epoch FROM now()) - $t0) || ' s: ' ||
+                          (SELECT string_agg(state || ' ' || n, ', ') FROM
+                             (SELECT state, count(*) n FROM peerpool.node_health GROUP BY 1) s) ||
+                          '; connections ' || (SELECT sum(total) || ' (' || sum(idle) || ' idle)'
+                                                 FROM peerpool.pool_stats)"
+        sleep 0.9
+    fi
     sleep 0.1
 done
 t_healthy=$(date +%s.%N)

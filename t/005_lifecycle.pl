@@ -105,7 +105,16 @@ is(stat_of($coord, $p1, 'state'), 'healthy', "$p1 stays healthy with no connecti
 
 PeerpoolFleet::set_gucs($coord, 'peerpool.max_lifetime' => '2s');
 ok(wait_sessions($peer{$p2}, 1), "$p2: one pooled session");
-my ($pid0) = PeerpoolFleet::remote_pids($peer{$p2});
+# The session may be replaced between the two queries (it is already older than 2 s): read its
+# pid again until there is one.
+my $pid0;
+for (1 .. 150) {
+	($pid0) = PeerpoolFleet::remote_pids($peer{$p2});
+	last if defined $pid0;
+	select(undef, undef, undef, 0.1);
+}
+ok(defined $pid0, "$p2: the pooled session's pid is known");
+$pid0 //= 0;
 my $recycled0 = stat_of($coord, $p2, 'recycled');
 my $pid_changed = sub {
 	my ($old, %opts) = @_;

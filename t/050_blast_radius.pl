@@ -77,10 +77,14 @@ ok(defined PeerpoolFleet::wait_until($peer1,
 my ($neighbour_calls, $neighbour_failures) = (0, 0);
 while (PeerpoolFleet::psql_running($big) && $neighbour_calls < 100000)
 {
-	my ($r, $o) = $coord->psql('postgres',
+	my ($r, $o, $e) = $coord->psql('postgres',
 		q{SELECT x FROM peerpool.pool_query('SELECT 1', 'peer2') AS t(x int)});
 	$neighbour_calls++;
-	$neighbour_failures++ unless $r == 0 && $o eq '1';
+	if ($r != 0 || $o ne '1')
+	{
+		$neighbour_failures++;
+		note "a call to peer2 failed (psql exit $r): " . ($e // '') if $neighbour_failures <= 3;
+	}
 	usleep(100_000);
 }
 my ($code, $bout, $berr) = PeerpoolFleet::psql_finish($big);

@@ -115,7 +115,14 @@ pgsocket Connection::socket() const { return conn_ ? PQsocket(conn_) : PGINVALID
 
 uint32 Connection::WaitEvents() const
 {
-    if (conn_ == nullptr || PQsocket(conn_) < 0)
+    pgsocket sock;
+    return WaitEvents(sock);
+}
+
+uint32 Connection::WaitEvents(pgsocket &sock) const
+{
+    sock = conn_ ? PQsocket(conn_) : PGINVALID_SOCKET;
+    if (sock == PGINVALID_SOCKET)
         return 0;
     switch (state_) {
     case CONN_STATE_CONNECTING:

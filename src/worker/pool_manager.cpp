@@ -144,12 +144,17 @@ private:
     void SyncRegistryIfNeeded(TimestampTz now);
     void ApplyRegistry(Registry registry, uint64 generation, TimestampTz now);
     void RebuildWaitSetIfNeeded();
-    long SleepMs(TimestampTz now) const;
+    long SleepMs(TimestampTz now);
     void DispatchEvents(const WaitEvent *fired, int count, TimestampTz now);
     void Shutdown();
 
     std::vector<NodeConfig> configs_;
     std::map<std::string, std::unique_ptr<Node>> nodes_;
+    // nodes_ in the same order, for the passes over the whole fleet on every wake-up (a vector
+    // walks 1,000 nodes several times faster than the map). Rebuilt when nodes_ changes.
+    std::vector<Node *> node_list_;
+    bool node_list_stale_ = true;
+    const std::vector<Node *> &NodeList();
     EventLog events_;
     Resolver resolver_;
     uint64 loaded_generation_ = 0;
@@ -189,6 +194,8 @@ private:
     };
     WaitEventSet *wait_set_ = nullptr;
     std::vector<Registered> registered_;
+    std::vector<Registered> wanted_;              // scratch of RebuildWaitSetIfNeeded
+    std::vector<Node::SocketInterest> interests_; // scratch of RebuildWaitSetIfNeeded
     std::vector<WaitEvent> fired_;
 };
 
@@ -495,6 +502,7 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
         auto it = nodes_.find(n.name);
         if (it != nodes_.end()) {
             nodes_.erase(it);
+            node_list_stale_ = true;
             FreeNodeSlot(n.name);
         }
     }
@@ -515,6 +523,7 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
             continue;
         }
         nodes_[n.name] = std::make_unique<Node>(*this, n, slot, now, loaded_generation_ == 0);
+        node_list_stale_ = true;
     }
     for (const NodeConfig &n : diff.changed) {
         auto it = nodes_.find(n.name);
@@ -540,15 +549,26 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
     configs_ = std::move(registry.nodes);
 }
 
+const std::vector<Node *> &PoolManager::NodeList()
+{
+    if (node_list_stale_) {
+        node_list_.clear();
+        for (auto &[name, node] : nodes_)
+            node_list_.push_back(node.get());
+        node_list_stale_ = false;
+    }
+    return node_list_;
+}
+
 void PoolManager::RebuildWaitSetIfNeeded()
 {
-    std::vector<Registered> wanted;
-    std::vector<Node::SocketInterest> interests;
-    for (auto &[name, node] : nodes_) {
-        interests.clear();
-        node->CollectSockets(interests);
-        for (const auto &i : interests)
-            wanted.push_back({node.get(), i.conn_id, i.socket, i.events, i.epoch, -1});
+    std::vector<Registered> &wanted = wanted_; // reused: no allocation on a wake-up
+    wanted.clear();
+    for (Node *node : NodeList()) {
+        interests_.clear();
+        node->CollectSockets(interests_);
+        for (const auto &i : interests_)
+            wanted.push_back({node, i.conn_id, i.socket, i.events, i.epoch, -1});
     }
     bool same = wait_set_ != nullptr && wanted.size() == registered_.size();
     for (size_t i = 0; same && i < wanted.size(); i++)
@@ -571,7 +591,7 @@ void PoolManager::RebuildWaitSetIfNeeded()
         return;
     }
 
-    registered_ = std::move(wanted);
+    registered_.swap(wanted);
     WaitEventSet *old = wait_set_;
     wait_set_ = nullptr;
     Registered *entries = registered_.data();
@@ -592,10 +612,10 @@ void PoolManager::RebuildWaitSetIfNeeded()
     });
 }
 
-long PoolManager::SleepMs(TimestampTz now) const
+long PoolManager::SleepMs(TimestampTz now)
 {
     TimestampTz wake = next_recheck_;
-    for (const auto &[name, node] : nodes_) {
+    for (const Node *node : NodeList()) {
         if (node->Dirty())
             return 0; // touched after it was managed (a request step): manage it first
         TimestampTz t = node->CachedWake();
@@ -765,7 +785,7 @@ void PoolManager::Run()
 
         now = GetCurrentTimestamp();
         ScanRequestSlots(now);
-        for (auto &[name, node] : nodes_)
+        for (Node *node : NodeList())
             if (node->Due(now)) // most of a large fleet has nothing to do on a given wake
                 node->Manage(now);
         StepRequests(now);
@@ -773,6 +793,7 @@ void PoolManager::Run()
             if (it->second->Drained()) {
                 std::string name = it->first;
                 it = nodes_.erase(it);
+                node_list_stale_ = true;
                 FreeNodeSlot(name);
                 Log(LOG, Format("node \"%s\" drained and removed", name.c_str()));
                 if (waiting_for_slot_)

@@ -64,6 +64,7 @@ public:
     pgsocket socket() const;
     // WL_SOCKET_* events to wait for (0: none).
     uint32 WaitEvents() const;
+    uint32 WaitEvents(pgsocket &sock) const; // also returns socket(), in one libpq call
 
     // Advances the connection after its socket fired (or a timer). Returns true when the
     // state changed in a way the owner must look at (connected, broken, query finished).

@@ -111,6 +111,7 @@ public:
     void OnResolved(TimestampTz now);
     // Earliest time Manage must run again (0: nothing scheduled).
     TimestampTz NextWake() const;
+    TimestampTz NextCheckTime(TimestampTz now) const;
     // Whether Manage has anything to do now: something happened to the node since it last ran
     // (every public mutator marks it), a timer is due, or work waits (callers, cancels, a
     // pool_check_health() request). With 1,000 nodes the loop manages only these.
@@ -231,6 +232,7 @@ private:
     std::string last_error_;
     std::string last_sqlstate_;
     double latency_ms_ = -1;
+    bool latency_cold_ = false; // latency_ms_ comes from a check on a new connection only
     double lag_ms_ = -1;
 
     // What Publish() last wrote, so an unchanged node costs no exclusive lock per wake.
