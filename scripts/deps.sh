@@ -40,6 +40,7 @@ command -v make >/dev/null || missing+=(make)
 [ -x "$BINDIR/postgres" ] || missing+=(postgresql-15)
 [ -f "$SHAREDIR/extension/dblink.control" ] || missing+=(postgresql-contrib)
 command -v clang-format >/dev/null || missing+=(clang-format)
+[ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer) # t/071_pgbouncer.pl
 
 if [ ${#missing[@]} -eq 0 ]; then
     [ -n "${DEPS_DRY_RUN:-}" ] && echo "deps: nothing missing"
