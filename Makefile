@@ -41,6 +41,9 @@ SRCS = src/pg_peerpool.cpp \
        src/sql/query.cpp \
        src/sql/selftest.cpp \
        src/sql/pool_manager_status.cpp
+ifeq ($(SANITIZE),1)
+SRCS += src/sanitizer_options.cpp
+endif
 OBJS = $(SRCS:.cpp=.o)
 
 REGRESS = install registry pool query boundary privileges fidelity isolation

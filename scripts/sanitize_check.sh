@@ -38,9 +38,20 @@ as_test_user mkdir -p "$LOGDIR"
 export ASAN_OPTIONS="verify_asan_link_order=0:detect_leaks=0:abort_on_error=1:log_path=$LOGDIR/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$LOGDIR/ubsan"
 report() {
+    local rc=0 logs
     if ls "$LOGDIR"/* >/dev/null 2>&1; then
-        echo "sanitize: reports found:"; cat "$LOGDIR"/*; return 1
+        echo "sanitize: reports found:"; cat "$LOGDIR"/*; rc=1
     fi
+    # A backend that loads the library late (no preload) has lost its environment, so its
+    # reports go to stderr, i.e. the server log (src/sanitizer_options.cpp).
+    logs=$(grep -l -E '==[0-9]+==ERROR: (Address|Leak)Sanitizer|: runtime error: ' \
+        "$DIR"/log/*.log "$DIR"/tmp_check/log/*.log 2>/dev/null || true)
+    if [ -n "$logs" ]; then
+        echo "sanitize: reports in server logs:"
+        grep -h -A 40 -E '==[0-9]+==ERROR: (Address|Leak)Sanitizer|: runtime error: ' $logs
+        rc=1
+    fi
+    return $rc
 }
 if [ "${SANITIZE_TAP:-}" = 1 ]; then
     # Reports are checked even when a test failed: an abort is usually why it failed.
