@@ -26,5 +26,4 @@ __ubsan_default_options()
 {
     return "print_stacktrace=1:halt_on_error=1";
 }
-
 }
