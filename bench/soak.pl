@@ -63,14 +63,20 @@ sub port_free
 	return !-e "$work/.s.PGSQL.$port";
 }
 
-my $base;
-for (my $b = $ENV{SOAK_PORT_BASE} // 46000; $b + 5 <= 46999; $b += 10)
+# Ports are taken one at a time, just before use, and a start that finds its port taken meanwhile
+# (a client's ephemeral port can be any of these) retries on the next one.
+my $next_port = $ENV{SOAK_PORT_BASE} // 46000;
+my %port;
+
+sub take_port
 {
-	if (!grep { !port_free($b + $_) } 0 .. 5) { $base = $b; last; }
+	while ($next_port <= 46999)
+	{
+		my $p = $next_port++;
+		return $p if port_free($p);
+	}
+	die "soak: no free port left in 46000-46999\n";
 }
-die "soak: no six free ports in 46000-46999\n" unless defined $base;
-my %port = (coord => $base, p1 => $base + 1, p2 => $base + 2, p3 => $base + 3,
-	px1 => $base + 4, px2 => $base + 5);
 
 sub run_cmd
 {
@@ -89,7 +95,6 @@ sub init_server
 	open my $fh, '>>', "$dir/postgresql.conf" or die $!;
 	print $fh <<"EOF";
 listen_addresses = '127.0.0.1'
-port = $port{$name}
 unix_socket_directories = '$work'
 max_connections = 80
 fsync = off
@@ -102,8 +107,17 @@ restart_after_crash = on
 $extra
 EOF
 	close $fh;
-	run_cmd("start $name", "$bindir/pg_ctl", '-D', $dir, '-l', "$work/$name.log", '-w',
-		'-t', '60', 'start');
+	for my $attempt (1 .. 10)
+	{
+		$port{$name} = take_port();
+		unlink "$work/$name.log";
+		my $out = `$bindir/pg_ctl -D $dir -l $work/$name.log -o '-p $port{$name}' -w -t 60 start 2>&1`;
+		last unless $?;
+		my $log = do { local $/; open my $lf, '<', "$work/$name.log"; <$lf> // '' };
+		die "soak: start $name failed:\n$out" unless $log =~ /could not bind|Address already in use/;
+		logmsg("$name: port $port{$name} taken meanwhile; trying the next one");
+	}
+	die "soak: $name: no port after 10 attempts\n" unless -f "$dir/postmaster.pid";
 	open my $pf, '<', "$dir/postmaster.pid" or die "soak: no postmaster.pid for $name\n";
 	chomp(my $pid = <$pf>);
 	close $pf;
@@ -196,8 +210,17 @@ EOF
 
 for my $i (1, 2)
 {
-	push @proxies, FaultProxy->new(upstream_port => $port{"p$i"}, port => $port{"px$i"},
-		name => "px$i", log => "$work/fault_proxy_px$i.log");
+	my $proxy;
+	for my $attempt (1 .. 10)
+	{
+		$port{"px$i"} = take_port();
+		$proxy = eval { FaultProxy->new(upstream_port => $port{"p$i"}, port => $port{"px$i"},
+				name => "px$i", log => "$work/fault_proxy_px$i.log") };
+		last if $proxy;
+		logmsg("proxy px$i: port $port{\"px$i\"}: $@");
+	}
+	die "soak: proxy px$i: no port after 10 attempts\n" unless $proxy;
+	push @proxies, $proxy;
 	logmsg("proxy px$i: 127.0.0.1:$port{\"px$i\"} -> p$i (pid " . $proxies[-1]->pid . ')');
 }
 
