@@ -9,8 +9,8 @@
 #
 # Environment: DURATION (seconds of load, default 1800), PG_CONFIG, SOAK_CLIENTS (query client
 # loops, default 4), SOAK_SEED (random seed; printed), SOAK_PORT_BASE (first port tried,
-# default 46000; six ports are used: four servers, two proxies, all on 127.0.0.1, scanned
-# upwards in steps of 10 up to 46999), SOAK_FAULT_GAP (mean seconds between faults, default 3).
+# default 46000; six ports are used: four servers, two proxies, all on 127.0.0.1, each taken
+# just before use, upwards up to 46999), SOAK_FAULT_GAP (mean seconds between faults, default 3).
 
 use strict;
 use warnings;
