@@ -307,7 +307,7 @@ sub kind_of
 	$msg =~ s/\b(tmp\d+|p[123])\b/*/g;
 	$msg =~ s/\d+(\.\d+)?/N/g;
 	$msg =~ s/^\s+|\s+$//g;
-	return substr($msg, 0, 110);
+	return substr($msg, 0, 110) =~ s/\s+$//r;
 }
 
 sub sqlq { my ($s) = @_; $s =~ s/'/''/g; return "'$s'"; }
