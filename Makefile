@@ -3,6 +3,7 @@
 #   make              build the extension (needs the PostgreSQL server headers)
 #   make install      install into the server found by PG_CONFIG
 #   make test         install missing dependencies, build, install, run every test
+#   make test-full    make test + the whole TAP suite on the ASan+UBSan build + opt-in profiles
 #   make demo         same bootstrap, then a throwaway local fleet on loopback
 #   make SANITIZE=1   ASan + UBSan build (scripts/sanitize_check.sh runs the regression suite on it)
 #   make CXX=clang++  build with clang instead of g++ (docs/compatibility.md)
@@ -40,6 +41,9 @@ SRCS = src/pg_peerpool.cpp \
        src/sql/query.cpp \
        src/sql/selftest.cpp \
        src/sql/pool_manager_status.cpp
+ifeq ($(SANITIZE),1)
+SRCS += src/sanitizer_options.cpp
+endif
 OBJS = $(SRCS:.cpp=.o)
 
 REGRESS = install registry pool query boundary privileges fidelity isolation
@@ -56,10 +60,13 @@ PG_CONFIG ?= pg_config
 endif
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 
-.PHONY: test demo bench deps sanitize-check installcheck-sanitize format-check
+.PHONY: test test-full demo bench deps sanitize-check installcheck-sanitize format-check
 
 test:
 	bash scripts/test.sh
+
+test-full:
+	bash scripts/test_full.sh
 
 demo:
 	bash scripts/demo.sh

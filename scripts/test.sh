@@ -21,7 +21,7 @@ show_failure() {
     for f in "$WORK"/regression.diffs "$WORK"/sanitize/regression.diffs; do
         [ -f "$f" ] && { echo "==== $f"; head -c 20000 "$f"; }
     done
-    for f in "$WORK"/tmp_check/log/regress_log_* ; do
+    for f in "$WORK"/tmp_check/log/regress_log_* "$WORK"/sanitize/tmp_check/log/regress_log_* ; do
         [ -f "$f" ] && { echo "==== $f (tail)"; tail -n 60 "$f"; }
     done
     return 0
@@ -34,8 +34,9 @@ as_root make install PG_CONFIG="$PG_CONFIG" >/dev/null
 # pg_regress, then TAP (prove); the TAP output lists each test file's verdict.
 as_test_user make installcheck PG_CONFIG="$PG_CONFIG" PROVE_FLAGS="--timer"
 
-# The same regression suite on the sanitizer build; the normal build is reinstalled after.
+# The same regression suite on the sanitizer build (with SANITIZE_TAP=1, from `make test-full`:
+# the TAP suite too); the normal build is reinstalled after.
 bash "$SRC/scripts/sanitize_check.sh" "$WORK"
 trap - ERR
 as_root rm -rf "$WORK"
-echo "test: all tests passed"
+echo "test: all tests passed${SANITIZE_TAP:+ (test-full: TAP on the sanitizer build too)}"

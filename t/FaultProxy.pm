@@ -63,7 +63,8 @@ child; they die if the child does not answer within 10 s or refuses the command.
 
 =item FaultProxy->new(upstream_port => $port, %opts)
 
-Options: C<upstream_host> (default 127.0.0.1), C<name> (for the log file name and
+Options: C<upstream_host> (default 127.0.0.1), C<port> (the port to listen on;
+default 0, one the OS chooses), C<name> (for the log file name and
 the log lines, default C<proxy>), C<log> (the log file; default
 F<< $PostgreSQL::Test::Utils::log_path/fault_proxy_<name>.log >>, or a file in
 /tmp without a test framework).
@@ -180,7 +181,7 @@ sub new
 	}
 	my $listener = IO::Socket::INET->new(
 		LocalAddr => '127.0.0.1',
-		LocalPort => 0,
+		LocalPort => $opts{port} // 0,
 		Listen    => 128,
 		ReuseAddr => 1,
 		Proto     => 'tcp') or croak "FaultProxy: cannot listen on 127.0.0.1: $!";
