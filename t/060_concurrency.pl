@@ -487,7 +487,9 @@ if (part('d'))
 {
 	my $budget = 5;
 	$coord->append_conf('postgresql.conf', "peerpool.max_total_connections = $budget");
+	$gate->quit;
 	$coord->restart;
+	$gate = $coord->background_psql('postgres');
 	for my $i (1 .. 3)
 	{
 		$coord->safe_psql('postgres', sprintf(
