@@ -35,10 +35,14 @@ max_connections = 260
 shared_buffers = '16MB'
 peerpool.health_check_interval = '1s'
 peerpool.max_nodes = 64
+# A loaded 2-core machine is not a slow peer: no 'degraded' for latency, and connection
+# attempts of 50 nodes at once get time to complete.
+peerpool.degraded_latency = '4s'
+peerpool.connect_timeout = '15s'
 EOC
 # One peer serves every node; each node's conninfo sets its own application_name, so the
 # peer's pg_stat_activity counts each node (or a group of nodes) in one snapshot.
-my ($peer) = PeerpoolFleet::peers(1, conf => "max_connections = 200\nshared_buffers = '16MB'");
+my ($peer) = PeerpoolFleet::peers(1, conf => "max_connections = 200\nshared_buffers = '16MB'\nlog_connections = on\nlog_disconnections = on");
 my $base_conninfo = PeerpoolFleet::peer_conninfo($peer);
 sub conninfo { my ($app) = @_; return "$base_conninfo application_name=$app"; }
 
@@ -223,7 +227,9 @@ if (part('a'))
 	note sprintf('(a) %d sessions x %d rounds of add -> healthy -> query -> remove -> gone: %.1f s',
 		$n, $rounds, time - $t0);
 	is($good, $n, "(a) every session saw its node healthy, queried it and saw it go, $rounds times")
-	  or diag join("\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)]);
+	  or diag join("\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)]), "\n",
+	  $coord->safe_psql('postgres', 'SELECT * FROM peerpool.node_health'), "\n",
+	  $coord->safe_psql('postgres', 'SELECT * FROM peerpool.pool_manager');
 	is($coord->safe_psql('postgres', 'SELECT count(*) FROM peerpool.node_health'), '0',
 		'(a) node_health is empty');
 	is($coord->safe_psql('postgres', 'SELECT count(*) FROM peerpool.node'), '0',
