@@ -419,12 +419,14 @@ if (part('e'))
 	@starts = sort { $a <=> $b } @starts;
 	if (@ends == 2 && @starts == 4)
 	{
+		# The waiters' calls are instant: the first freed connection can serve all four.
 		my $first = $starts[0] - $ends[0];
-		my $last  = $starts[-1] - $ends[-1];
-		note sprintf('(e) first waiter ran its query %.1f ms after the first long call ended; '
-			  . 'the last waiter %.1f ms after the last one ended', 1000 * $first, 1000 * $last);
+		my $last  = $starts[-1] - $ends[0];
+		note sprintf('(e) after the first long call ended (the second %.1f ms later), the first waiter ran '
+			  . 'its query after %.1f ms, the fourth after %.1f ms',
+			1000 * ($ends[1] - $ends[0]), 1000 * $first, 1000 * $last);
 		cmp_ok($first, '<', 1, '(e) the first waiter is served within 1 s of a connection freeing');
-		cmp_ok($last, '<', 1, '(e) every waiter is served within 1 s of the last long call');
+		cmp_ok($last, '<', 1, '(e) all four waiters are served within 1 s of it');
 		cmp_ok($starts[0], '>=', $ends[0], '(e) no waiter ran before a connection was free');
 	}
 	$coord->safe_psql('postgres', "SELECT peerpool.pool_remove_node('wake')");
