@@ -30,8 +30,10 @@ restore() {
 }
 trap restore EXIT
 
-ldd pg_peerpool.so | grep -q libasan || { echo "sanitize: libasan not linked"; exit 1; }
-ldd pg_peerpool.so | grep -q libubsan || { echo "sanitize: libubsan not linked"; exit 1; }
+# Not `ldd | grep -q`: with pipefail, ldd dying of SIGPIPE after grep's early exit fails it.
+LIBS=$(ldd pg_peerpool.so)
+grep -q libasan <<<"$LIBS" || { echo "sanitize: libasan not linked"; exit 1; }
+grep -q libubsan <<<"$LIBS" || { echo "sanitize: libubsan not linked"; exit 1; }
 LOGDIR=$DIR/sanitizer-logs
 as_test_user mkdir -p "$LOGDIR"
 # PostgreSQL frees by memory context, not one by one: leak checking would only report noise.

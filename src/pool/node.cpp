@@ -1178,12 +1178,30 @@ void Node::ReturnToPool(Connection *conn, TimestampTz now)
         CloseConnection(conn->id(), conn->recycle_requested);
         return;
     }
+    if (AboveMax()) {
+        // max_connections was lowered while this connection was busy: close it rather than
+        // hand it on, so the new cap holds as soon as calls return (not one check at a time).
+        CloseConnection(conn->id(), false);
+        return;
+    }
     if (dirty || reset) {
         StartCleanup(conn, now);
         return;
     }
     conn->MarkIdle(now);
     GrantWaiting(now);
+}
+
+// More connections than max_connections allows, not counting the short-lived extras (the
+// connection of a running check, which may be one opened beyond max_connections, and extra
+// connections sending cancels): true after max_connections was lowered under load.
+bool Node::AboveMax() const
+{
+    int extras = check_phase_ != CHECK_NONE ? 1 : 0;
+    for (const auto &job : jobs_)
+        if (job.second.close_after)
+            extras++;
+    return static_cast<int>(conns_.size()) > config_.max_connections + extras;
 }
 
 void Node::StartCleanup(Connection *conn, TimestampTz now)
@@ -1318,6 +1336,8 @@ void Node::FinishJob(Connection *conn, TimestampTz now)
         conn->MarkIdle(now); // clean: straight back to the pool (no second cleanup round)
         if (state_ == NODE_STATE_DRAINING || conn->recycle_requested)
             CloseConnection(conn->id(), conn->recycle_requested);
+        else if (AboveMax()) // max_connections lowered during the cleanup
+            CloseConnection(conn->id(), false);
         else
             GrantWaiting(now);
         return;

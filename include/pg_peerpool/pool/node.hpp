@@ -171,6 +171,7 @@ private:
     void ReleaseHeld(int pid, TimestampTz now);
     void FinishJob(Connection *conn, TimestampTz now);
     void ReturnToPool(Connection *conn, TimestampTz now);
+    bool AboveMax() const;
     void DrainOrphan(Connection *conn, TimestampTz now);
 
     bool Serving() const;
