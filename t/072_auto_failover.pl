@@ -574,7 +574,7 @@ cmp_ok($read_outage, '<=', $BOUND, "reads never fail for longer than $BOUND s");
 # Every acknowledged row is on the final primary (pg_auto_failover replicates synchronously).
 my $acked = join(',', sort { $a <=> $b } map { $_->{seq} } @ok_writes);
 ($ok, $out) = psql_at(node_conninfo('node2'),
-	"SELECT string_agg(id::text, ',' ORDER BY id) FROM ff WHERE id IN ($acked)");
+	"SELECT string_agg(id::text, ',' ORDER BY id) FROM ff WHERE id IN (" . ($acked || 'NULL') . ')');
 is($out, $acked, 'every acknowledged write is on the final primary (node2)');
 
 # ---------------------------------------------------------------------------------------
