@@ -19,7 +19,7 @@
 # = on (what pg_auto_failover sets on the node it promotes until the old primary is demoted)
 # is routed no writes, with a reason, but still serves reads; writable again, it takes writes.
 # Part 2 is skipped (only) when pg_autoctl or the pgautofailover extension is not installed
-# for the PostgreSQL under test. About 90 s on the 2-core test machine under load.
+# for the PostgreSQL under test. About 50 s on the 2-core test machine (up to 180 s under load).
 
 use strict;
 use warnings FATAL => 'all';
