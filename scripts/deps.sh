@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_peerpool needs, if missing: the PostgreSQL 15 server
 # headers (PGXS), the TAP test prerequisites, a C++ compiler, contrib (dblink, postgres_fdw),
-# and clang-format (scripts/format_check.sh). clang itself is optional (`make CXX=clang++`).
+# clang-format (scripts/format_check.sh) and pg_auto_failover (a real-fleet TAP test). clang
+# itself is optional (`make CXX=clang++`).
 #
 # Each probe looks for the file the build or the tests actually use, never for a file some
 # other package also ships (Debian's postgresql-client-15 ships pgxs.mk without the headers).
@@ -41,6 +42,9 @@ command -v make >/dev/null || missing+=(make)
 [ -f "$SHAREDIR/extension/dblink.control" ] || missing+=(postgresql-contrib)
 command -v clang-format >/dev/null || missing+=(clang-format)
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer) # t/071_pgbouncer.pl
+# pg_auto_failover, for t/072_auto_failover.pl's real fleet: pg_autoctl and its extension.
+{ command -v pg_autoctl >/dev/null && [ -f "$SHAREDIR/extension/pgautofailover.control" ]; } ||
+    missing+=(postgresql-15-auto-failover)
 
 if [ ${#missing[@]} -eq 0 ]; then
     [ -n "${DEPS_DRY_RUN:-}" ] && echo "deps: nothing missing"

@@ -19,14 +19,19 @@ namespace peerpool {
 
 namespace {
 
-// One round trip answers: alive, role, and (on a standby) replay lag. Lag is 0 when everything
-// received has been replayed, else the age of the last replayed transaction.
+// One round trip answers: alive, role, (on a standby) replay lag, and whether a new session
+// would be read-only. Lag is 0 when everything received has been replayed, else the age of the
+// last replayed transaction. The third column is default_transaction_read_only as a new
+// session gets it (CheckSql resets it first): HA managers such as pg_auto_failover promote a
+// standby with it on, and keep it on until the old primary is demoted, so that clients asking
+// for a read-write server (libpq's target_session_attrs=read-write) wait.
 const char *kCheckSql = "SELECT pg_catalog.pg_is_in_recovery(), "
                         "CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN NULL "
                         "WHEN pg_catalog.pg_last_wal_receive_lsn() IS NOT DISTINCT FROM "
                         "pg_catalog.pg_last_wal_replay_lsn() THEN 0 "
                         "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - "
-                        "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
+                        "pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END, "
+                        "pg_catalog.current_setting('default_transaction_read_only')::boolean";
 
 // The check must not depend on what callers left in the session (SPEC section 5), whatever
 // peerpool.reset_query is: it runs in the implicit transaction of its own query string, whose
@@ -36,7 +41,8 @@ std::string CheckSql()
 {
     return Format("SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = 0; "
                   "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; SET LOCAL ROLE NONE; "
-                  "SET LOCAL search_path = pg_catalog; %s",
+                  "SET LOCAL search_path = pg_catalog; "
+                  "SET LOCAL default_transaction_read_only = DEFAULT; %s",
                   peerpool_health_check_timeout, kCheckSql);
 }
 
@@ -413,12 +419,13 @@ void Node::FinishCheck(const QueryOutcome &outcome, bool connection_lost, Timest
                     outcome.sqlstate, false, connection_lost, now);
         return;
     }
-    if (outcome.rows.size() != 1 || outcome.rows[0].size() != 2) {
+    if (outcome.rows.size() != 1 || outcome.rows[0].size() != 3) {
         CheckFailed("health check returned an unexpected result", "", false, false, now);
         return;
     }
     bool in_recovery = outcome.rows[0][0] == "t";
     double lag = outcome.nulls[0][1] ? -1 : std::atof(outcome.rows[0][1].c_str());
+    read_only_ = !in_recovery && outcome.rows[0][2] == "t";
     CheckSucceeded(in_recovery, lag, latency, now);
 }
 

@@ -16,7 +16,7 @@ std::string WhyNotServing(const Node &node, bool write)
         return "disabled";
     switch (node.state()) {
     case NODE_STATE_HEALTHY:
-        return "";
+        return write && node.read_only() ? "read-only (default_transaction_read_only is on)" : "";
     case NODE_STATE_DEGRADED:
         return write ? "degraded (serves reads only)" : "";
     case NODE_STATE_TRANSITIONING:

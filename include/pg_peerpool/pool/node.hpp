@@ -81,6 +81,9 @@ public:
     // The configured role, or the detected one when configured as auto.
     NodeRole EffectiveRole() const { return config_.role == NODE_ROLE_AUTO ? role_ : config_.role; }
     double latency_ms() const { return latency_ms_; }
+    // Not in recovery, but new sessions are read-only (default_transaction_read_only = on at
+    // the last good check): serves reads, routed no writes.
+    bool read_only() const { return read_only_; }
     const std::string &last_error() const { return last_error_; }
     int busy_connections() const;
 
@@ -212,6 +215,7 @@ private:
 
     NodeState state_ = NODE_STATE_DISCONNECTED;
     NodeRole role_ = NODE_ROLE_UNKNOWN;
+    bool read_only_ = false; // see read_only()
     TimestampTz state_since_;
 
     // Health check in flight.
