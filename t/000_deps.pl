@@ -8,7 +8,8 @@
 # 1. Against the PostgreSQL under test, deps.sh's verdict for postgresql-server-dev-15 must
 #    equal an independent check of what the build really uses: every PostgreSQL header that
 #    src/ and include/ #include, pgxs.mk, and the TAP framework. When it says "nothing
-#    missing", g++, make, IPC::Run, dblink and clang-format must exist too.
+#    missing", g++, make, IPC::Run, dblink, clang-format, pgbouncer and pg_auto_failover must
+#    exist too.
 # 2. Against a scratch pg_config whose server include directory is empty but whose pgxs.mk
 #    exists (the fresh-machine case), deps.sh must want postgresql-server-dev-15.
 # DEPS_DRY_RUN=1 makes deps.sh print its verdict instead of running apt-get.
@@ -111,6 +112,9 @@ if (!%want)
 	ok(system('perl', '-MIPC::Run', '-e', '1') == 0, 'nothing missing: IPC::Run loads');
 	ok(-f "$sharedir/extension/dblink.control", 'nothing missing: contrib (dblink) exists');
 	ok(defined find_in_path('clang-format'), 'nothing missing: clang-format exists');
+	ok(-x '/usr/sbin/pgbouncer', 'nothing missing: pgbouncer exists (t/071)');
+	ok(defined find_in_path('pg_autoctl') && -f "$sharedir/extension/pgautofailover.control",
+		'nothing missing: pg_auto_failover exists (t/072)');
 }
 
 # 2. A fresh machine: pg_config and pgxs.mk exist (postgresql-client-15), the headers do not.

@@ -371,13 +371,13 @@ my @cases = (
 		q{BEGIN; INSERT INTO fp_t VALUES (2); SELECT pg_sleep(0.2), 'fp_case_tx-Z' AS m}, 's text, m text' ],
 );
 
-# parallel_query_rows (SPEC section 5) does not exist in this tree yet: when it lands, add
-# it to the functions below (a failed node then raises a WARNING naming it, on_error =>
-# 'warning', while the other node's rows still return).
+# parallel_query_rows (SPEC section 5): with on_error => 'warning' (the default) a failed node
+# raises a WARNING naming it, none of its rows are returned (not even those it sent before the
+# fault), and the other node's rows still are.
 #
 # parallel_query's errors that do not name the node (its timeout and state errors do).
 my @unnamed;
-for my $fn ('parallel_query', 'pool_query')
+for my $fn ('parallel_query', 'parallel_query_rows', 'pool_query')
 {
 	for my $how ('rst', 'fin')
 	{
@@ -402,6 +402,20 @@ for my $fn ('parallel_query', 'pool_query')
 				push @unnamed, "$what: $rows->{px}{error}" unless ($rows->{px}{error} // '') =~ /node "px"/;
 				like($rows->{px}{error} // '', qr/connection|closed|reset/i, "$what: the error says the connection was lost");
 				is($rows->{direct}{ok}, 't', "$what: direct succeeds");
+			}
+			elsif ($fn eq 'parallel_query_rows')
+			{
+				($secs, $ret, $out, $err) = call(sprintf(
+					q{SELECT node_name, count(*) FROM peerpool.parallel_query_rows(%s, ARRAY['px', 'direct'],
+  timeout_ms => 10000) AS t(node_name text, %s) GROUP BY node_name ORDER BY node_name},
+					PeerpoolFleet::quote($sql), $coldef));
+				$err =~ s/\s+$//;
+				$out =~ s/\n/, /g;
+				note sprintf('%s: call took %.1f ms, exit %d: rows per node: %s; %s', $what, 1000 * $secs, $ret, $out, $err);
+				is($ret, 0, "$what: the call succeeds (on_error => 'warning')");
+				like($err, qr/WARNING:.*node "px"/, "$what: a WARNING names px");
+				like($err, qr/connection|closed|reset/i, "$what: the WARNING says the connection was lost");
+				is($out, 'direct|' . ($point eq 'D' ? 20000 : 1), "$what: all of direct's rows, none of px's");
 			}
 			else
 			{
