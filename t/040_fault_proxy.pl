@@ -40,7 +40,7 @@ sub proxied_psql
 {
 	my ($sql, %opts) = @_;
 	my ($out, $err) = ('', '');
-	my $conn = sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $proxy->port, $user);
+	my $conn = $proxy->conninfo($user);
 	$conn .= " $opts{conn}" if defined $opts{conn};
 	my $timer = IPC::Run::timeout($opts{timeout} // 30);
 	my $start = time;
@@ -66,7 +66,7 @@ sub bg_start
 {
 	my ($sql) = @_;
 	my $h = { out => '', err => '' };
-	my $conn = sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $proxy->port, $user);
+	my $conn = $proxy->conninfo($user);
 	$h->{start} = time;
 	$h->{run} = IPC::Run::start([ 'psql', '-XAtq', '-d', $conn, '-c', $sql ],
 		'<', \undef, '>', \$h->{out}, '2>', \$h->{err}, IPC::Run::timeout(60));
@@ -276,13 +276,7 @@ peerpool.reconnect_backoff_initial = '100ms'
 peerpool.reconnect_backoff_max = '500ms'
 peerpool.acquire_timeout = '5s'
 EOC
-$coord->safe_psql('postgres', sprintf(
-	q{SELECT peerpool.pool_add_node('px', %s, min_connections => 1, max_connections => %d)},
-	PeerpoolFleet::quote(sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $proxy->port, $user)),
-	$max_conn));
-$coord->safe_psql('postgres', sprintf(
-	q{SELECT peerpool.pool_add_node('direct', %s, min_connections => 1, max_connections => %d)},
-	PeerpoolFleet::quote(PeerpoolFleet::peer_conninfo($peer2)), $max_conn));
+$proxy->register_pair($coord, $user, $peer2, $max_conn);
 
 sub both_healthy
 {

@@ -38,13 +38,7 @@ peerpool.reconnect_backoff_initial = '50ms'
 peerpool.reconnect_backoff_max = '200ms'
 peerpool.acquire_timeout = '2s'
 EOC
-$coord->safe_psql('postgres', sprintf(
-	q{SELECT peerpool.pool_add_node('px', %s, min_connections => 1, max_connections => %d)},
-	PeerpoolFleet::quote(sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $proxy->port, $user)),
-	$max_conn));
-$coord->safe_psql('postgres', sprintf(
-	q{SELECT peerpool.pool_add_node('direct', %s, min_connections => 1, max_connections => %d)},
-	PeerpoolFleet::quote(PeerpoolFleet::peer_conninfo($peer2)), $max_conn));
+$proxy->register_pair($coord, $user, $peer2, $max_conn);
 
 sub both_healthy
 {

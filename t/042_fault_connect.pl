@@ -67,7 +67,7 @@ sub state_of
 $proxy->freeze;
 my $t0 = time;
 $coord->safe_psql('postgres', sprintf(q{SELECT peerpool.pool_add_node('hole', %s)},
-		PeerpoolFleet::quote(sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $proxy->port, $user))));
+		PeerpoolFleet::quote($proxy->conninfo($user))));
 
 my ($worst_wall, $worst_ms, $calls) = (0, 0, 0);
 my $hole_row;

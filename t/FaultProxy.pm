@@ -222,6 +222,28 @@ sub new
 
 sub port     { return $_[0]{port}; }
 sub log_path { return $_[0]{log}; }
+
+# The conninfo of database postgres as `user`, reached through this proxy.
+sub conninfo
+{
+	my ($self, $user) = @_;
+	return sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $self->port, $user);
+}
+
+# Registers on `coord` the node px (through this proxy) and the node direct (the peer `direct`
+# without a proxy), each with min_connections 1 and max_connections `max_conn`: the pair the
+# fault tests compare.
+sub register_pair
+{
+	my ($self, $coord, $user, $direct, $max_conn) = @_;
+	for ([ 'px', $self->conninfo($user) ], [ 'direct', PeerpoolFleet::peer_conninfo($direct) ])
+	{
+		$coord->safe_psql('postgres', sprintf(
+			q{SELECT peerpool.pool_add_node('%s', %s, min_connections => 1, max_connections => %d)},
+			$_->[0], PeerpoolFleet::quote($_->[1]), $max_conn));
+	}
+	return;
+}
 sub pid      { return $_[0]{pid}; }
 
 sub _command
