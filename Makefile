@@ -28,6 +28,7 @@ SRCS = src/pg_peerpool.cpp \
        src/pool/node.cpp \
        src/pool/protocol.cpp \
        src/pool/resolver.cpp \
+       src/pool/canceller.cpp \
        src/pool/routing.cpp \
        src/worker/pool_manager.cpp \
        src/worker/registry_sync.cpp \

@@ -45,9 +45,9 @@ sub stat_of
 		"SELECT concat_ws(',', $cols) FROM peerpool.pool_stats WHERE node_name = '$name'");
 }
 
-# Our pooled sessions on a peer, leaving out the short-lived extra connection a cancel may
-# open to send pg_cancel_backend().
-my $ours = "application_name = 'pg_peerpool' AND query NOT LIKE '%pg_cancel_backend%'";
+# Our pooled sessions on a peer. A cancel opens no session (it is a CancelRequest that the
+# peer's postmaster answers), so every one counts.
+my $ours = "application_name = 'pg_peerpool'";
 
 # ---------------------------------------------------------------------------------------
 # Cancelling the caller cancels the remote query within 1 s, three ways.

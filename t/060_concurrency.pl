@@ -9,7 +9,9 @@
 #      peerpool.acquire_timeout;
 #  (e) callers queued behind long calls are served as soon as those calls end;
 #  (f) pool_alter_node(max_connections) raised and lowered under load: the new cap holds;
-#  (d) peerpool.max_total_connections is never exceeded by three busy nodes.
+#  (d) peerpool.max_total_connections is never exceeded by three busy nodes;
+#  (g) a node whose checks waited on the fleet budget opens no session beyond max_connections
+#      when the budget frees up.
 # The pool's sessions are counted on the peer (pg_stat_activity, by the application_name
 # each node's conninfo sets, sampled every millisecond inside the peer) and on this host
 # (TCP sockets of the pool manager to the peer's port). Concurrent callers are pgbench
@@ -543,6 +545,65 @@ if (part('d'))
 	is($coord->safe_psql('postgres', "SELECT count(*) FROM peerpool.node_health WHERE state = 'healthy'"),
 		'3', '(d) every node stayed healthy');
 	is($coord->safe_psql('postgres', 'SELECT sum(waiting) FROM peerpool.pool_stats'), '0', '(d) nobody waits any more');
+}
+
+# ---- (g) a node starved by the fleet budget, then given it back ------------------------------
+# Its health check waited on the budget (a local limit) for several check intervals; when the
+# budget frees up, its waiting callers get their connections first. The check must then wait
+# for one of those to come back, not count the budget wait as "callers held every connection
+# for an interval" and open an extra session beyond max_connections (seen once in (d), where a
+# starved node showed 5 sessions with max_connections 4).
+if (part('g'))
+{
+	my $budget = 5;
+	if (!part('d'))
+	{
+		$coord->append_conf('postgresql.conf', "peerpool.max_total_connections = $budget");
+		$gate->quit;
+		$coord->restart;
+		$gate = $coord->background_psql('postgres');
+	}
+	else
+	{
+		$coord->safe_psql('postgres', "SELECT peerpool.pool_remove_node('d$_')") for 1 .. 3;
+	}
+	$coord->safe_psql('postgres', sprintf(
+		"SELECT peerpool.pool_add_node('g1', %s, min_connections => 0, max_connections => $budget)",
+		PeerpoolFleet::quote(conninfo('pp_g1'))));
+	$coord->safe_psql('postgres', sprintf(
+		"SELECT peerpool.pool_add_node('g2', %s, min_connections => 0, max_connections => 2)",
+		PeerpoolFleet::quote(conninfo('pp_g2'))));
+	ok( defined PeerpoolFleet::wait_for_health($coord, "count(*) = 2 AND bool_and(state = 'healthy')", 30),
+		'(g) g1 and g2 healthy, nothing else registered');
+	# g1's callers take the whole budget (g2's idle check connection is evicted for them).
+	my @long = map {
+		PeerpoolFleet::psql_start($coord,
+			[ q{SELECT count(*) FROM peerpool.pool_query('SELECT pg_sleep(4)', 'g1') AS t(a text)} ])
+	} 1 .. $budget;
+	ok( defined PeerpoolFleet::wait_until($peer,
+			"SELECT count(*) FILTER (WHERE application_name = 'pp_g1' AND query = 'SELECT pg_sleep(4)' AND state = 'active') = $budget"
+			  . " AND count(*) FILTER (WHERE application_name = 'pp_g2') = 0 FROM pg_stat_activity", timeout => 20),
+		"(g) g1's $budget calls hold the whole budget; g2 has no connection");
+	PeerpoolFleet::stat_sample_start($sampler, count_of("application_name = 'pp_g2'"), 9);
+	# Two callers queue for g2 (each then makes three short calls) while its checks starve.
+	my @short = map {
+		PeerpoolFleet::psql_start($coord,
+			[ "SET peerpool.acquire_timeout = '20s'",
+			  map { q{SELECT count(*) FROM peerpool.pool_query('SELECT pg_sleep(0.3)', 'g2') AS t(a text)} } 1 .. 3 ])
+	} 1 .. 2;
+	my $bad = 0;
+	for my $h (@long, @short)
+	{
+		my ($ret, $out, $err) = PeerpoolFleet::psql_finish($h);
+		if ($ret != 0) { $bad++; diag "(g) a call failed: $err"; }
+	}
+	is($bad, 0, '(g) every call succeeded');
+	my ($peak, $samples) = PeerpoolFleet::stat_sample_finish($sampler);
+	note "(g) g2 (max_connections 2): peak $peak sessions on the peer ($samples samples)";
+	cmp_ok($samples, '>=', 20, '(g) the peer was sampled while the calls ran');
+	cmp_ok($peak, '<=', 2, '(g) g2 never had more than max_connections (2) sessions after its starved checks');
+	is($coord->safe_psql('postgres', "SELECT string_agg(state, ',' ORDER BY node_name) FROM peerpool.node_health"),
+		'healthy,healthy', '(g) both nodes stayed healthy');
 }
 
 $_->quit for ($gate, $sampler, $sampler2);

@@ -172,22 +172,12 @@ void Node::CloseConnection(uint64 id, bool recycled)
         fleet_.ConnectingChanged(-1);
     }
     std::string error = (*it)->error();
-    // A cancel that may or may not have reached its target: the connection it was aimed at
-    // cannot safely serve anyone any more.
-    int orphaned_pid = 0;
-    auto job = jobs_.find(id);
-    if (job != jobs_.end()) {
-        if (job->second.kind == JOB_CANCEL)
-            orphaned_pid = job->second.target_pid;
-        jobs_.erase(job);
-    }
+    jobs_.erase(id);
     held_for_cancel_.erase(id);
-    // A cancel still queued for this session is moot (and its pid could be reused).
-    int closing_pid = (*it)->backend_pid();
-    pending_cancels_.erase(std::remove(pending_cancels_.begin(), pending_cancels_.end(),
-                                       closing_pid),
-                           pending_cancels_.end());
+    // A cancel still on its way to this session stays counted until it finishes: it carries
+    // the session's secret key, so it can hit no other process.
     check_starved_ = false; // a slot is free again: a due check may open a connection
+    full_since_ = 0;
     LeaseOwner lost;
     auto lease = leases_.find(id);
     if (lease != leases_.end()) {
@@ -202,12 +192,6 @@ void Node::CloseConnection(uint64 id, bool recycled)
     }
     if (lost.valid())
         fleet_.LeaseLost(lost, error.empty() ? "connection closed" : error, GetCurrentTimestamp());
-    if (orphaned_pid != 0)
-        for (const auto &[held_id, pid] : held_for_cancel_)
-            if (pid == orphaned_pid) {
-                CloseConnection(held_id, false);
-                break;
-            }
 }
 
 void Node::CloseAll()
@@ -357,6 +341,7 @@ void Node::StartCheck(TimestampTz now)
                                      (attempt ? peerpool_connect_timeout : 0));
     if (Connection *idle = LiveIdleConnection(now)) {
         check_starved_ = false;
+        full_since_ = 0;
         check_reused_ = true;
         RunCheckOn(idle, now);
         return;
@@ -369,13 +354,14 @@ void Node::StartCheck(TimestampTz now)
     // max_connections sessions; only when that has not happened within one check interval
     // (callers hold every connection in long queries) does it open one short-lived extra
     // connection, closed when the check is done (SPEC section 3: checks run on time whatever
-    // callers do).
+    // callers do). The interval counts from when the check first found the node at
+    // max_connections, not from an earlier wait on a local limit: connections just opened for
+    // waiting callers come back within their calls.
     if (static_cast<int>(conns_.size()) >= config_.max_connections) {
-        if (!check_starved_) {
-            check_starved_ = true;
-            starved_since_ = now;
-        }
-        TimestampTz extra_at = After(starved_since_, peerpool_health_check_interval);
+        check_starved_ = true;
+        if (full_since_ == 0)
+            full_since_ = now;
+        TimestampTz extra_at = After(full_since_, peerpool_health_check_interval);
         if (now < extra_at) {
             check_blocked_until_ = extra_at;
             return;
@@ -386,13 +372,13 @@ void Node::StartCheck(TimestampTz now)
         // A local limit (peerpool.max_total_connections spent by running queries, our file
         // descriptors, attempts in flight), not the node's failure: the check runs as soon as
         // a connection comes back, or tries again shortly.
-        if (!check_starved_)
-            starved_since_ = now;
         check_starved_ = true;
+        full_since_ = 0;
         check_blocked_until_ = After(now, kLocalLimitRetryMs);
         return;
     }
     check_starved_ = false;
+    full_since_ = 0;
     check_reused_ = false;
     check_phase_ = CHECK_CONNECTING;
     check_conn_ = conn->id();
@@ -654,15 +640,10 @@ void Node::HandleBrokenConnection(Connection *conn, TimestampTz now)
 {
     bool never_connected = !conn->ever_connected();
     bool was_check = check_phase_ != CHECK_NONE && check_conn_ == conn->id();
-    auto job = jobs_.find(conn->id());
-    bool cancel_helper = job != jobs_.end() && job->second.kind == JOB_CANCEL;
     std::string error = conn->error();
     std::string sqlstate = conn->error_sqlstate();
     LogNotices(conn);
     CloseConnection(conn->id(), false);
-    if (cancel_helper)
-        return; // the helper that carries cancels failed; Manage retries pending cancels
-
     if (state_ == NODE_STATE_DRAINING || state_ == NODE_STATE_DISCONNECTED)
         return;
     if (never_connected) {
@@ -739,8 +720,6 @@ void Node::OnSocketReady(uint64 conn_id, TimestampTz now)
         pg_atomic_fetch_add_u64(&Slot().created, 1);
         if (check_phase_ == CHECK_CONNECTING && check_conn_ == conn_id)
             RunCheckOn(conn, now);
-        else if (jobs_.count(conn_id) != 0)
-            SendCancelOn(conn, now); // an extra connection opened to send a cancel
         else
             GrantWaiting(now);
         return;
@@ -855,7 +834,20 @@ void Node::Manage(TimestampTz now)
                     "", false, false, now);
     }
 
-    // Our own queries (cancel, cleanup) and cancelled queries past their grace period.
+    // Cancels that did not reach the node in time: the session they were for is closed (the
+    // cancel may still arrive later; it can only hit that session's query).
+    for (auto it = cancels_.begin(); it != cancels_.end();) {
+        if (now >= it->second.deadline) {
+            int pid = it->second.pid;
+            it = cancels_.erase(it);
+            LogCancelFailure(pid, "no answer within peerpool.connect_timeout + "
+                                  "peerpool.health_check_timeout");
+            ReleaseHeld(pid, false, now);
+        } else {
+            ++it;
+        }
+    }
+    // Our own queries (cleanup) and cancelled queries past their grace period.
     {
         std::vector<uint64> expired;
         for (const auto &[id, job] : jobs_)
@@ -884,8 +876,6 @@ void Node::Manage(TimestampTz now)
     }
     if (Serving())
         GrantWaiting(now);
-    if (!pending_cancels_.empty())
-        StartCancel(0, now); // retry cancels whose first way out failed
 
     bool requested = pg_atomic_read_u64(&Slot().check_requested) >
                      pg_atomic_read_u64(&Slot().check_completed);
@@ -965,7 +955,7 @@ void Node::Manage(TimestampTz now)
 
 bool Node::Due(TimestampTz now) const
 {
-    if (dirty_ || !waiters_.empty() || !pending_cancels_.empty())
+    if (dirty_ || !waiters_.empty())
         return true;
     if (cached_wake_ != 0 && now >= cached_wake_)
         return true;
@@ -1008,6 +998,8 @@ TimestampTz Node::NextWake() const
         consider(growth_blocked_until_); // then GrantWaiting may open connections again
     for (const auto &[id, job] : jobs_)
         consider(job.deadline);
+    for (const auto &[token, cancel] : cancels_)
+        consider(cancel.deadline);
     for (const auto &[id, lease] : leases_)
         if (!lease.owner.valid())
             consider(lease.orphan_deadline);
@@ -1199,15 +1191,12 @@ void Node::ReturnToPool(Connection *conn, TimestampTz now)
     GrantWaiting(now);
 }
 
-// More connections than max_connections allows, not counting the short-lived extras (the
-// connection of a running check, which may be one opened beyond max_connections, and extra
-// connections sending cancels): true after max_connections was lowered under load.
+// More connections than max_connections allows, not counting the short-lived extra (the
+// connection of a running check, which may be one opened beyond max_connections): true after
+// max_connections was lowered under load.
 bool Node::AboveMax() const
 {
     int extras = check_phase_ != CHECK_NONE ? 1 : 0;
-    for (const auto &job : jobs_)
-        if (job.second.close_after)
-            extras++;
     return static_cast<int>(conns_.size()) > config_.max_connections + extras;
 }
 
@@ -1222,7 +1211,7 @@ void Node::StartCleanup(Connection *conn, TimestampTz now)
 
 bool Node::StartJob(Connection *conn, JobKind kind, const std::string &sql, TimestampTz now)
 {
-    jobs_[conn->id()] = {kind, 0, false, After(now, peerpool_health_check_timeout)};
+    jobs_[conn->id()] = {kind, After(now, peerpool_health_check_timeout)};
     if (conn->SendQuery(sql, now, jobs_[conn->id()].deadline))
         return true;
     HandleBrokenConnection(conn, now);
@@ -1249,7 +1238,13 @@ void Node::AbortLease(uint64 conn_id, TimestampTz now)
         ReturnToPool(conn, now);
         return;
     }
-    StartCancel(conn->backend_pid(), now);
+    if (!StartCancel(conn, now)) {
+        // No cancel can be sent: the session is closed, which ends the query as soon as the
+        // node notices.
+        leases_.erase(it);
+        CloseConnection(conn->id(), false);
+        return;
+    }
     DrainOrphan(conn, now);
 }
 
@@ -1265,53 +1260,43 @@ void Node::DiscardLease(uint64 conn_id)
     CloseConnection(conn_id, false);
 }
 
-// Cancels a backend's query on the node with pg_cancel_backend() sent over another
-// connection: libpq's PQcancel blocks, this does not. Uses an idle connection when no caller
-// waits for one, else opens an extra one that is closed afterwards.
-void Node::StartCancel(int target_pid, TimestampTz now)
+// Cancels the session's running query with the protocol's CancelRequest (PQcancel on a
+// helper thread, canceller.hpp): needs no free connection slot, no privilege on the node, and
+// reaches the right server process behind a pooler. Returns false if none can be sent.
+bool Node::StartCancel(Connection *conn, TimestampTz now)
 {
-    if (target_pid != 0)
-        pending_cancels_.push_back(target_pid);
-    while (!pending_cancels_.empty()) {
-        Connection *idle = waiters_.empty() ? IdleConnection() : nullptr;
-        if (idle != nullptr) {
-            SendCancelOn(idle, now);
-            continue;
-        }
-        // One extra connection at a time, opened beyond max_connections: a cancel must not
-        // wait behind the queue it is trying to shorten.
-        for (const auto &c : conns_)
-            if (c->state() == CONN_STATE_CONNECTING && jobs_.count(c->id()) != 0)
-                return; // already opening one; it sends the pending cancels in turn
-        Connection *helper = OpenConnection(now, true);
-        if (helper == nullptr)
-            return;
-        jobs_[helper->id()] = {JOB_CANCEL, 0, true, After(now, peerpool_connect_timeout)};
-        if (helper->state() == CONN_STATE_BROKEN) {
-            // Broken before it started (an unusable conninfo): no cancel can go out.
-            HandleBrokenConnection(helper, now);
-            pending_cancels_.clear();
-        }
-        return; // SendCancelOn runs once it is connected
+    int pid = conn->backend_pid();
+    uint64 token = fleet_.canceller().Start(config_.name, conn->GetCancel());
+    if (token == 0) {
+        LogCancelFailure(pid, "could not prepare the cancel request");
+        return false;
     }
+    cancels_[token] = {pid, After(now, static_cast<int64>(peerpool_connect_timeout) +
+                                           peerpool_health_check_timeout)};
+    return true;
 }
 
-// Sends the next pending cancel on an idle connection (closes an extra one with none left).
-void Node::SendCancelOn(Connection *conn, TimestampTz now)
+void Node::CancelDone(uint64 token, bool ok, const std::string &error, TimestampTz now)
 {
-    auto job = jobs_.find(conn->id());
-    bool extra = job != jobs_.end() && job->second.close_after;
-    if (pending_cancels_.empty()) {
-        if (extra)
-            CloseConnection(conn->id(), false);
-        return;
-    }
-    int pid = pending_cancels_.front();
-    pending_cancels_.erase(pending_cancels_.begin());
-    jobs_[conn->id()] = {JOB_CANCEL, pid, extra, After(now, peerpool_health_check_timeout)};
-    if (!conn->SendQuery(Format("SELECT pg_catalog.pg_cancel_backend(%d)", pid), now,
-                         jobs_[conn->id()].deadline))
-        HandleBrokenConnection(conn, now);
+    auto it = cancels_.find(token);
+    if (it == cancels_.end())
+        return; // given up already (deadline), or the node was replaced
+    int pid = it->second.pid;
+    cancels_.erase(it);
+    dirty_ = true;
+    if (!ok)
+        LogCancelFailure(pid, error);
+    // A cancel that failed may still be delivered later: never hand that session on.
+    ReleaseHeld(pid, ok, now);
+}
+
+void Node::LogCancelFailure(int pid, const std::string &why) const
+{
+    pg::Call([&] {
+        ereport(LOG, (errmsg_internal("pg_peerpool: node \"%s\": could not cancel the query of "
+                                      "remote backend %d: %s",
+                                      config_.name.c_str(), pid, why.c_str())));
+    });
 }
 
 void Node::FinishJob(Connection *conn, TimestampTz now)
@@ -1320,76 +1305,56 @@ void Node::FinishJob(Connection *conn, TimestampTz now)
     Job job = it->second;
     jobs_.erase(it);
     QueryOutcome outcome = conn->TakeOutcome();
-    if (job.kind != JOB_CANCEL) {
-        if (!outcome.ok || conn->state() == CONN_STATE_BROKEN) {
-            // A connection we cannot clean is never handed to the next caller.
-            std::string why = outcome.ok ? conn->error() : outcome.error;
-            pg::Call([&] {
-                ereport(LOG, (errmsg_internal("pg_peerpool: node \"%s\": discarding a "
-                                              "connection: %s failed: %s",
-                                              config_.name.c_str(),
-                                              job.kind == JOB_ROLLBACK ? "ROLLBACK"
-                                                                       : "peerpool.reset_query",
-                                              why.c_str())));
-            });
-            CloseConnection(conn->id(), false);
-            return;
-        }
-        if (job.kind == JOB_ROLLBACK && peerpool_reset_query != nullptr &&
-            peerpool_reset_query[0] != '\0') {
-            StartJob(conn, JOB_RESET, peerpool_reset_query, now);
-            return;
-        }
-        conn->MarkIdle(now); // clean: straight back to the pool (no second cleanup round)
-        if (state_ == NODE_STATE_DRAINING || conn->recycle_requested)
-            CloseConnection(conn->id(), conn->recycle_requested);
-        else if (AboveMax()) // max_connections lowered during the cleanup
-            CloseConnection(conn->id(), false);
-        else
-            GrantWaiting(now);
+    if (!outcome.ok || conn->state() == CONN_STATE_BROKEN) {
+        // A connection we cannot clean is never handed to the next caller.
+        std::string why = outcome.ok ? conn->error() : outcome.error;
+        pg::Call([&] {
+            ereport(LOG,
+                    (errmsg_internal("pg_peerpool: node \"%s\": discarding a "
+                                     "connection: %s failed: %s",
+                                     config_.name.c_str(),
+                                     job.kind == JOB_ROLLBACK ? "ROLLBACK" : "peerpool.reset_query",
+                                     why.c_str())));
+        });
+        CloseConnection(conn->id(), false);
         return;
     }
-    // A cancel went out. First settle the connection that carried it -- an extra one must not
-    // be handed to a caller and then closed under it -- then let the cancelled one rejoin.
-    if (conn->state() == CONN_STATE_BROKEN || (job.close_after && pending_cancels_.empty()) ||
-        static_cast<int>(conns_.size()) > config_.max_connections + (job.close_after ? 1 : 0)) {
-        CloseConnection(conn->id(), false);
-    } else if (job.close_after || !pending_cancels_.empty()) {
-        jobs_[conn->id()] = job; // still marked as ours (and as the extra one) until reused
-        SendCancelOn(conn, now);
-    } else {
-        ReturnToPool(conn, now);
+    if (job.kind == JOB_ROLLBACK && peerpool_reset_query != nullptr &&
+        peerpool_reset_query[0] != '\0') {
+        StartJob(conn, JOB_RESET, peerpool_reset_query, now);
+        return;
     }
-    if (job.target_pid != 0)
-        ReleaseHeld(job.target_pid, now);
-}
-
-bool Node::HasPendingCancels() const
-{
-    if (!pending_cancels_.empty())
-        return true;
-    for (const auto &[id, job] : jobs_)
-        if (job.kind == JOB_CANCEL)
-            return true;
-    return false;
+    conn->MarkIdle(now); // clean: straight back to the pool (no second cleanup round)
+    if (state_ == NODE_STATE_DRAINING || conn->recycle_requested)
+        CloseConnection(conn->id(), conn->recycle_requested);
+    else if (AboveMax()) // max_connections lowered during the cleanup
+        CloseConnection(conn->id(), false);
+    else
+        GrantWaiting(now);
 }
 
 bool Node::CancelInFlight(int pid) const
 {
-    for (const auto &[id, job] : jobs_)
-        if (job.kind == JOB_CANCEL && job.target_pid == pid)
+    for (const auto &[token, cancel] : cancels_)
+        if (cancel.pid == pid)
             return true;
     return false;
 }
 
-void Node::ReleaseHeld(int pid, TimestampTz now)
+void Node::ReleaseHeld(int pid, bool pool, TimestampTz now)
 {
+    if (CancelInFlight(pid))
+        return; // another cancel for the same session is still on its way
     for (auto it = held_for_cancel_.begin(); it != held_for_cancel_.end(); ++it)
         if (it->second == pid) {
             uint64 id = it->first;
             held_for_cancel_.erase(it);
-            if (Connection *conn = FindConnection(id))
-                ReturnToPool(conn, now);
+            if (Connection *conn = FindConnection(id)) {
+                if (pool)
+                    ReturnToPool(conn, now);
+                else
+                    CloseConnection(id, false);
+            }
             return;
         }
 }
@@ -1418,10 +1383,7 @@ void Node::DrainOrphan(Connection *conn, TimestampTz now)
         return;
     }
     int pid = conn->backend_pid();
-    auto pending = std::find(pending_cancels_.begin(), pending_cancels_.end(), pid);
-    if (pending != pending_cancels_.end()) {
-        pending_cancels_.erase(pending); // the query ended by itself: no cancel needed
-    } else if (CancelInFlight(pid)) {
+    if (CancelInFlight(pid)) {
         held_for_cancel_[conn->id()] = pid; // pooled once the cancel has run
         return;
     }

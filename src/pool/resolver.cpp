@@ -7,6 +7,7 @@
 // The state they share with the loop is a heap object kept alive by shared_ptr, so a thread
 // stuck in a slow lookup when the pool manager exits touches nothing that was freed.
 #include "pg_peerpool/pool/resolver.hpp"
+#include "pg_peerpool/pool/quiet_thread.hpp"
 
 #include <algorithm>
 #include <mutex>
@@ -136,22 +137,14 @@ void Resolver::StartLookup(const std::string &host)
             queued_.push_back(host);
         return;
     }
-    // The new thread inherits this mask: every signal blocked, so none is delivered to it.
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    try {
-        std::thread(RunLookup, shared_, host).detach();
-        running_++;
-    } catch (...) {
+    if (!StartQuietThread(RunLookup, shared_, host)) {
         // No thread to be had (resource limits): remember the failure like a lookup error.
         std::lock_guard<std::mutex> guard(shared_->mutex);
         shared_->done.push_back({host, {}, "could not start a name lookup thread"});
         uint64_t one = 1;
         (void)!write(shared_->fd, &one, sizeof(one));
-        running_++; // Collect() counts it back down
     }
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    running_++; // Collect() counts it back down
 }
 
 ResolveStatus Resolver::Lookup(const std::string &host, TimestampTz now,

@@ -120,6 +120,7 @@ public:
     uint64 NextConnectionId() override { return ++last_connection_id_; }
     EventLog &events() override { return events_; }
     Resolver &resolver() override { return resolver_; }
+    Canceller &canceller() override { return canceller_; }
     bool MayStartConnecting() const override { return connecting_ < kMaxConnecting; }
     void ConnectingChanged(int delta) override { connecting_ += delta; }
     bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) override;
@@ -157,6 +158,7 @@ private:
     const std::vector<Node *> &NodeList();
     EventLog events_;
     Resolver resolver_;
+    Canceller canceller_;
     uint64 loaded_generation_ = 0;
     bool first_load_ = true;
     bool extension_present_ = false;
@@ -597,14 +599,17 @@ void PoolManager::RebuildWaitSetIfNeeded()
     Registered *entries = registered_.data();
     size_t count = registered_.size();
     int resolver_fd = resolver_.fd();
+    int canceller_fd = canceller_.fd();
     wait_set_ = pg::Call([&] {
         if (old != nullptr)
             FreeWaitEventSet(old);
-        WaitEventSet *set = CreateWaitEventSet(TopMemoryContext, static_cast<int>(count) + 3);
+        WaitEventSet *set = CreateWaitEventSet(TopMemoryContext, static_cast<int>(count) + 4);
         AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, nullptr);
         AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, nullptr, nullptr);
         if (resolver_fd >= 0)
             AddWaitEventToSet(set, WL_SOCKET_READABLE, resolver_fd, nullptr, &resolver_);
+        if (canceller_fd >= 0)
+            AddWaitEventToSet(set, WL_SOCKET_READABLE, canceller_fd, nullptr, &canceller_);
         for (size_t i = 0; i < count; i++)
             entries[i].position = AddWaitEventToSet(set, entries[i].events, entries[i].socket,
                                                     nullptr, &entries[i]);
@@ -646,6 +651,14 @@ void PoolManager::DispatchEvents(const WaitEvent *fired, int count, TimestampTz 
                     node->OnResolved(now);
             continue;
         }
+        if (fired[i].user_data == &canceller_) {
+            for (const Canceller::Result &r : canceller_.Collect()) {
+                auto node = nodes_.find(r.group);
+                if (node != nodes_.end())
+                    node->second->CancelDone(r.token, r.ok, r.error, now);
+            }
+            continue;
+        }
         if (!(fired[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE)) ||
             fired[i].user_data == nullptr)
             continue;
@@ -679,8 +692,8 @@ void PoolManager::Shutdown()
         if (!in_flight())
             break;
         RebuildWaitSetIfNeeded();
-        if (fired_.size() < registered_.size() + 3)
-            fired_.resize(registered_.size() + 3);
+        if (fired_.size() < registered_.size() + 4)
+            fired_.resize(registered_.size() + 4);
         long timeout = std::max<long>(1, std::min<long>(SleepMs(now),
                                                         TimestampDifferenceMilliseconds(now,
                                                                                         deadline)));
@@ -712,8 +725,8 @@ void PoolManager::Shutdown()
         if (!busy || now >= cancel_deadline)
             break;
         RebuildWaitSetIfNeeded();
-        if (fired_.size() < registered_.size() + 3)
-            fired_.resize(registered_.size() + 3);
+        if (fired_.size() < registered_.size() + 4)
+            fired_.resize(registered_.size() + 4);
         WaitEvent *events = fired_.data();
         int size = static_cast<int>(fired_.size());
         int n = pg::Call([&] {
@@ -806,8 +819,8 @@ void PoolManager::Run()
         events_.Flush(GetCurrentTimestamp());
 
         RebuildWaitSetIfNeeded();
-        if (fired_.size() < registered_.size() + 3)
-            fired_.resize(registered_.size() + 3);
+        if (fired_.size() < registered_.size() + 4)
+            fired_.resize(registered_.size() + 4);
         long timeout = SleepMs(GetCurrentTimestamp());
         timeout = PublishHeartbeat(timeout); // for the views: at least one wake a second
         WaitEvent *events = fired_.data();

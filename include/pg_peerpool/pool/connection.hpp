@@ -78,6 +78,8 @@ public:
     // false, stops with PUMP_PAUSED. Reads the socket first when `read_socket`.
     template <typename Sink> PumpStatus Pump(Sink &&sink, bool read_socket);
     int backend_pid() const { return conn_ ? PQbackendPID(conn_) : 0; }
+    // What PQcancel needs to cancel this session's query (caller frees), or null.
+    PGcancel *GetCancel() const { return conn_ ? PQgetCancel(conn_) : nullptr; }
     PGTransactionStatusType transaction_status() const
     {
         return conn_ ? PQtransactionStatus(conn_) : PQTRANS_UNKNOWN;

@@ -22,6 +22,7 @@
 #include "pg_peerpool/pool/connection.hpp"
 #include "pg_peerpool/pool/events.hpp"
 #include "pg_peerpool/pool/node_config.hpp"
+#include "pg_peerpool/pool/canceller.hpp"
 #include "pg_peerpool/pool/resolver.hpp"
 #include "pg_peerpool/shmem.hpp"
 
@@ -62,6 +63,7 @@ public:
     virtual uint64 NextConnectionId() = 0;
     virtual EventLog &events() = 0;
     virtual Resolver &resolver() = 0;
+    virtual Canceller &canceller() = 0;
     // Connection attempts in flight across the fleet are capped (kMaxConnecting), so that
     // 1,000 nodes starting together do not storm their peers into timeouts.
     virtual bool MayStartConnecting() const = 0;
@@ -95,8 +97,10 @@ public:
     void ReleaseLease(uint64 conn_id, bool ok, TimestampTz now);
     // The caller gave up mid-query (timeout, cancel): cancel it on the node, without waiting.
     void AbortLease(uint64 conn_id, TimestampTz now);
-    // A cancel is queued or on its way (shutdown waits for these, bounded).
-    bool HasPendingCancels() const;
+    // A cancel is on its way (shutdown waits for these, bounded).
+    bool HasPendingCancels() const { return !cancels_.empty(); }
+    // A cancel sent by fleet_.canceller() finished (ok: the node received it).
+    void CancelDone(uint64 token, bool ok, const std::string &error, TimestampTz now);
     // The leased connection is unusable (e.g. left in COPY): close it, telling nobody.
     void DiscardLease(uint64 conn_id);
 
@@ -151,12 +155,15 @@ private:
     // Our own short queries on a connection other than the health check.
     // JOB_ROLLBACK and JOB_RESET run one after the other: DISCARD ALL and friends refuse to
     // run inside the implicit transaction of a multi-statement string.
-    enum JobKind { JOB_CANCEL, JOB_ROLLBACK, JOB_RESET };
+    enum JobKind { JOB_ROLLBACK, JOB_RESET };
     struct Job {
         JobKind kind;
-        int target_pid;   // JOB_CANCEL: the backend whose query is cancelled
-        bool close_after; // JOB_CANCEL on an extra connection: close it when done
         TimestampTz deadline;
+    };
+    // A CancelRequest on its way (canceller.hpp), for the session with backend `pid`.
+    struct CancelSent {
+        int pid;
+        TimestampTz deadline; // given up after this: the session is closed instead
     };
     struct Lease {
         LeaseOwner owner; // invalid once the caller gave up (orphan: results discarded)
@@ -166,12 +173,13 @@ private:
 
     void GrantWaiting(TimestampTz now);
     void FailWaiters(int sqlerrcode, const std::string &why, TimestampTz now);
-    void StartCancel(int target_pid, TimestampTz now);
-    void SendCancelOn(Connection *conn, TimestampTz now);
+    bool StartCancel(Connection *conn, TimestampTz now);
+    void LogCancelFailure(int pid, const std::string &why) const;
     void StartCleanup(Connection *conn, TimestampTz now);
     bool StartJob(Connection *conn, JobKind kind, const std::string &sql, TimestampTz now);
     bool CancelInFlight(int pid) const;
-    void ReleaseHeld(int pid, TimestampTz now);
+    // The cancel for `pid` is done: its held connection rejoins the pool (or closes, !pool).
+    void ReleaseHeld(int pid, bool pool, TimestampTz now);
     void FinishJob(Connection *conn, TimestampTz now);
     void ReturnToPool(Connection *conn, TimestampTz now);
     bool AboveMax() const;
@@ -263,18 +271,19 @@ private:
     mutable bool ever_published_ = false;
 
     std::deque<Waiter> waiters_;
-    std::map<uint64, Lease> leases_;   // conn id -> lease (connections in CONN_STATE_BUSY)
-    std::map<uint64, Job> jobs_;       // conn id -> our own query in flight
-    std::vector<int> pending_cancels_; // backend pids waiting for a connection to cancel them
+    std::map<uint64, Lease> leases_;       // conn id -> lease (connections in CONN_STATE_BUSY)
+    std::map<uint64, Job> jobs_;           // conn id -> our own query in flight
+    std::map<uint64, CancelSent> cancels_; // canceller token -> cancel in flight
     // Connections whose cancelled query ended before the cancel was delivered: held out of the
     // pool until the cancel has run, so it cannot hit the next caller's query. conn id -> pid.
     std::map<uint64, int> held_for_cancel_;
-    bool dirty_ = true;                    // see Due()
-    TimestampTz cached_wake_ = 0;          // NextWake() at the end of the last Manage
-    bool check_reused_ = false;            // the running check uses a pooled session, not its own
-    bool check_starved_ = false;           // a check is due but a local limit left it no connection
-    TimestampTz check_blocked_until_ = 0;  // ... so no new check before this
-    TimestampTz starved_since_ = 0;        // when check_starved_ was set
+    bool dirty_ = true;                   // see Due()
+    TimestampTz cached_wake_ = 0;         // NextWake() at the end of the last Manage
+    bool check_reused_ = false;           // the running check uses a pooled session, not its own
+    bool check_starved_ = false;          // a check is due but a local limit left it no connection
+    TimestampTz check_blocked_until_ = 0; // ... so no new check before this
+    TimestampTz full_since_ =
+        0; // a due check first found max_connections connections busy (0: not)
     TimestampTz growth_blocked_until_ = 0; // a growth connection was refused: not before this
 };
 
