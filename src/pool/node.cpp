@@ -79,7 +79,11 @@ Node::Node(Fleet &fleet, NodeConfig config, int slot, TimestampTz now, bool at_s
 {
 }
 
-Node::~Node() { CloseAll(); }
+Node::~Node()
+{
+    CloseAll();
+    fleet_.BudgetWaitEnded(this);
+}
 
 NodeSlot &Node::Slot() const { return State().nodes[slot_]; }
 
@@ -101,12 +105,12 @@ void Node::Transition(NodeState to, const std::string &reason, TimestampTz now)
 
 // ---- connections ---------------------------------------------------------------------------
 
-Connection *Node::OpenConnection(TimestampTz now, bool for_check)
+Connection *Node::OpenConnection(TimestampTz now, bool for_check, TimestampTz waiter_since)
 {
     bool evict = for_check; // demand may evict another node's idle connection; upkeep may not
     if (!fleet_.MayStartConnecting())
         return nullptr; // a local limit: tried again shortly (kLocalLimitRetryMs)
-    if (!fleet_.ReserveConnection(this, evict))
+    if (!fleet_.ReserveConnection(this, evict, waiter_since))
         return nullptr;
     ConnOptions options;
     std::string invalid;
@@ -948,6 +952,8 @@ void Node::Manage(TimestampTz now)
         break;
     }
     }
+    if (waiters_.empty())
+        fleet_.BudgetWaitEnded(this);
     Publish();
     dirty_ = false;
     cached_wake_ = NextWake();
@@ -1115,6 +1121,12 @@ void Node::GrantWaiting(TimestampTz now)
         Connection *idle = LiveIdleConnection(now);
         if (idle == nullptr || !Serving())
             break;
+        if (fleet_.YieldBudget(this, waiters_.front().since, now)) {
+            // Another node's caller has waited longer for the fleet budget: the unit goes to
+            // that node; ours wait their turn.
+            CloseConnection(idle->id(), false);
+            continue;
+        }
         Waiter w = waiters_.front();
         waiters_.pop_front();
         leases_[idle->id()] = {w.owner, now, 0};
@@ -1133,7 +1145,7 @@ void Node::GrantWaiting(TimestampTz now)
     while (static_cast<int>(waiters_.size()) > connecting &&
            static_cast<int>(conns_.size()) < config_.max_connections &&
            now >= growth_blocked_until_) {
-        Connection *conn = OpenConnection(now, true);
+        Connection *conn = OpenConnection(now, true, waiters_[connecting].since);
         if (conn == nullptr)
             break;
         if (conn->state() == CONN_STATE_BROKEN) {
@@ -1142,6 +1154,8 @@ void Node::GrantWaiting(TimestampTz now)
         }
         connecting++;
     }
+    if (static_cast<int>(conns_.size()) >= config_.max_connections)
+        fleet_.BudgetWaitEnded(this); // our callers wait for our own cap, not for the budget
 }
 
 void Node::ReleaseLease(uint64 conn_id, bool ok, TimestampTz now)

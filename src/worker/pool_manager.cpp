@@ -51,6 +51,7 @@ constexpr long kRetryAfterErrorMs = 1000; // after a failed registry load
 constexpr long kMaxSleepMs = 60000;
 constexpr rlim_t kMaxDescriptors = 65536; // how far we raise our soft RLIMIT_NOFILE at most
 constexpr int kMaxConnecting = 64;        // connection attempts in flight, fleet-wide
+constexpr long kBudgetHoldMs = 1000;      // a budget unit freed for a node waits this long for it
 // The longest the loop may wait for a lock in its own transactions (see Run).
 constexpr const char *kLockTimeout = "10ms";
 
@@ -114,8 +115,10 @@ public:
     void Run();
 
     // Fleet
-    bool ReserveConnection(const Node *requester, bool evict) override;
+    bool ReserveConnection(Node *requester, bool evict, TimestampTz waiter_since) override;
     void ReleaseConnection() override;
+    bool YieldBudget(const Node *node, TimestampTz since, TimestampTz now) override;
+    void BudgetWaitEnded(const Node *node) override { budget_waits_.erase(node); }
     void RaiseDescriptorLimit();
     uint64 NextConnectionId() override { return ++last_connection_id_; }
     EventLog &events() override { return events_; }
@@ -159,6 +162,16 @@ private:
     EventLog events_;
     Resolver resolver_;
     Canceller canceller_;
+    // Nodes whose callers wait for the fleet budget (max_total_connections), with the oldest
+    // such caller's wait start; `held_at` != 0: a unit was freed for this node then, and only
+    // it may take the unit until it does (or for kBudgetHoldMs).
+    struct BudgetWait {
+        Node *node;
+        TimestampTz since;
+        TimestampTz held_at;
+    };
+    std::map<const Node *, BudgetWait> budget_waits_;
+    int HeldUnits(const Node *except, TimestampTz now);
     uint64 loaded_generation_ = 0;
     bool first_load_ = true;
     bool extension_present_ = false;
@@ -235,7 +248,44 @@ void PoolManager::GiveDescriptor()
     }
 }
 
-bool PoolManager::ReserveConnection(const Node *requester, bool evict)
+// Units freed for a node by YieldBudget and not yet taken (expired holds are dropped).
+int PoolManager::HeldUnits(const Node *except, TimestampTz now)
+{
+    int held = 0;
+    for (auto it = budget_waits_.begin(); it != budget_waits_.end();) {
+        BudgetWait &w = it->second;
+        if (w.held_at != 0 && now >= TimestampTzPlusMilliseconds(w.held_at, kBudgetHoldMs)) {
+            it = budget_waits_.erase(it); // not taken in time: the unit is anyone's again
+            continue;
+        }
+        if (w.held_at != 0 && it->first != except)
+            held++;
+        ++it;
+    }
+    return held;
+}
+
+bool PoolManager::YieldBudget(const Node *node, TimestampTz since, TimestampTz now)
+{
+    if (peerpool_max_total_connections <= 0 || budget_waits_.empty() ||
+        total_connections_ < peerpool_max_total_connections)
+        return false; // no budget contention: whoever wants a unit can take one
+    // Only to a node with at least two connections fewer: a handover costs a connection set-up,
+    // so units move until the shares are within one of each other, not for every call.
+    int mine = node->connection_count();
+    BudgetWait *oldest = nullptr;
+    for (auto &[key, w] : budget_waits_)
+        if (key != node && w.held_at == 0 && w.since < since &&
+            w.node->connection_count() + 1 < mine && (oldest == nullptr || w.since < oldest->since))
+            oldest = &w;
+    if (oldest == nullptr)
+        return false;
+    oldest->held_at = now;
+    oldest->node->Touch(); // it opens its connection on this pass of the loop
+    return true;
+}
+
+bool PoolManager::ReserveConnection(Node *requester, bool evict, TimestampTz waiter_since)
 {
     // Each libpq socket counts against the process's file descriptors; take it first so a
     // refusal never costs another node its connection.
@@ -254,12 +304,25 @@ bool PoolManager::ReserveConnection(const Node *requester, bool evict)
         }
         return false;
     }
-    if (peerpool_max_total_connections > 0 &&
-        total_connections_ >= peerpool_max_total_connections) {
-        if (!evict) {
-            GiveDescriptor();
-            return false;
+    TimestampTz now = GetCurrentTimestamp();
+    auto wait_for_budget = [&] {
+        GiveDescriptor();
+        if (requester != nullptr && waiter_since != 0) {
+            auto [it, added] = budget_waits_.try_emplace(requester,
+                                                         BudgetWait{requester, waiter_since, 0});
+            if (!added && it->second.held_at == 0)
+                it->second.since = std::min(it->second.since, waiter_since);
         }
+        return false;
+    };
+    // A unit freed for another node (YieldBudget) is not ours to take.
+    int held = peerpool_max_total_connections > 0 && !budget_waits_.empty()
+                   ? HeldUnits(requester, now)
+                   : 0;
+    if (peerpool_max_total_connections > 0 &&
+        total_connections_ + held >= peerpool_max_total_connections) {
+        if (!evict)
+            return wait_for_budget();
         // The budget is spent: close the least recently used idle connection of any node.
         Node *victim = nullptr;
         TimestampTz victim_lru = 0;
@@ -271,12 +334,12 @@ bool PoolManager::ReserveConnection(const Node *requester, bool evict)
                 victim_lru = lru;
             }
         }
-        if (victim == nullptr || !victim->CloseOldestIdle()) {
-            GiveDescriptor();
-            return false;
-        }
+        if (victim == nullptr || !victim->CloseOldestIdle())
+            return wait_for_budget();
     }
     total_connections_++;
+    if (requester != nullptr)
+        budget_waits_.erase(requester); // served (a unit held for it is taken now)
     return true;
 }
 

@@ -57,8 +57,19 @@ public:
     virtual ~Fleet() = default;
     // Takes one connection from the fleet budget (max_total_connections and the process's
     // external FD allowance). With `evict`, may close another node's least recently used idle
-    // connection to make room. Returns false when no room could be made.
-    virtual bool ReserveConnection(const Node *requester, bool evict) = 0;
+    // connection to make room. Returns false when no room could be made; then, if
+    // `waiter_since` is set (the connection is for a caller who has waited since then), the
+    // requester is queued for the budget in that caller's turn (see YieldBudget).
+    virtual bool ReserveConnection(Node *requester, bool evict, TimestampTz waiter_since = 0) = 0;
+    // The fleet budget is shared fairly across nodes (SPEC section 7): true if `node`, about to
+    // hand an idle connection to a caller waiting since `since`, should close it instead,
+    // because a node holding at least two connections fewer has a caller who has waited
+    // longer for the budget. The unit freed is then held for that node until it opens its
+    // connection (or for 1 s). Nodes thus converge to equal shares, and stop trading units
+    // once within one of each other.
+    virtual bool YieldBudget(const Node *node, TimestampTz since, TimestampTz now) = 0;
+    // `node` waits for the budget no more (no waiting caller, or removed).
+    virtual void BudgetWaitEnded(const Node *node) = 0;
     virtual void ReleaseConnection() = 0;
     virtual uint64 NextConnectionId() = 0;
     virtual EventLog &events() = 0;
@@ -88,6 +99,7 @@ public:
     bool read_only() const { return read_only_; }
     const std::string &last_error() const { return last_error_; }
     int busy_connections() const;
+    int connection_count() const { return static_cast<int>(conns_.size()); }
 
     // ---- leases: callers' queries (FIFO waiting up to the acquire deadline) ----
     void Enqueue(const LeaseOwner &owner, TimestampTz acquire_deadline, TimestampTz now);
@@ -187,7 +199,8 @@ private:
 
     bool Serving() const;
     void Transition(NodeState to, const std::string &reason, TimestampTz now);
-    Connection *OpenConnection(TimestampTz now, bool for_check);
+    // waiter_since: the connection is for a caller waiting since then (see ReserveConnection).
+    Connection *OpenConnection(TimestampTz now, bool for_check, TimestampTz waiter_since = 0);
     void CloseConnection(uint64 id, bool recycled);
     void SettleConnecting(Connection *conn);
     Connection *FindConnection(uint64 id) const;
