@@ -51,6 +51,7 @@ constexpr long kRetryAfterErrorMs = 1000; // after a failed registry load
 constexpr long kMaxSleepMs = 60000;
 constexpr rlim_t kMaxDescriptors = 65536; // how far we raise our soft RLIMIT_NOFILE at most
 constexpr int kMaxConnecting = 64;        // connection attempts in flight, fleet-wide
+constexpr int kStormConnecting = 8;       // attempts in flight that make a connection storm
 constexpr long kBudgetHoldMs = 1000;      // a budget unit freed for a node waits this long for it
 // The longest the loop may wait for a lock in its own transactions (see Run).
 constexpr const char *kLockTimeout = "10ms";
@@ -125,6 +126,7 @@ public:
     Resolver &resolver() override { return resolver_; }
     Canceller &canceller() override { return canceller_; }
     bool MayStartConnecting() const override { return connecting_ < kMaxConnecting; }
+    bool ConnectionStorm() const override { return connecting_ >= kStormConnecting; }
     void ConnectingChanged(int delta) override { connecting_ += delta; }
     bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) override;
     void LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,

@@ -78,6 +78,9 @@ public:
     // Connection attempts in flight across the fleet are capped (kMaxConnecting), so that
     // 1,000 nodes starting together do not storm their peers into timeouts.
     virtual bool MayStartConnecting() const = 0;
+    // Our own connection storm: at least 8 connection attempts in flight (a start
+    // or a mass registration of a large fleet). Check latencies then measure our load.
+    virtual bool ConnectionStorm() const = 0;
     virtual void ConnectingChanged(int delta) = 0;
 };
 
@@ -238,6 +241,7 @@ private:
     NodeRole role_ = NODE_ROLE_UNKNOWN;
     bool read_only_ = false; // see read_only()
     TimestampTz state_since_;
+    uint64 phase_seed_; // spreads this node's checks over the interval (NextCheckTime)
 
     // Health check in flight.
     CheckPhase check_phase_ = CHECK_NONE;
@@ -293,6 +297,7 @@ private:
     bool dirty_ = true;                   // see Due()
     TimestampTz cached_wake_ = 0;         // NextWake() at the end of the last Manage
     bool check_reused_ = false;           // the running check uses a pooled session, not its own
+    bool check_in_storm_ = false;         // ... and was sent during our own connection storm
     bool check_starved_ = false;          // a check is due but a local limit left it no connection
     TimestampTz check_blocked_until_ = 0; // ... so no new check before this
     TimestampTz full_since_ =
