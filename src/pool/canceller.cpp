@@ -74,11 +74,50 @@ uint64 Canceller::Start(const std::string &group, PGcancel *cancel)
         return 0;
     }
     uint64 token = next_token_++;
-    if (running_[group] >= kCancelThreadsPerGroup)
+    auto running = running_.find(group);
+    if ((running != running_.end() && running->second >= kCancelThreadsPerGroup) ||
+        running_total_ >= kCancelThreadsTotal || queued_.count(group) != 0)
         queued_[group].push_back({token, cancel});
     else
         Spawn(group, token, cancel);
     return token;
+}
+
+void Canceller::Forget(uint64 token)
+{
+    for (auto it = queued_.begin(); it != queued_.end(); ++it) {
+        auto &queue = it->second;
+        for (auto q = queue.begin(); q != queue.end(); ++q)
+            if (q->token == token) {
+                PQfreeCancel(q->cancel);
+                queue.erase(q);
+                if (queue.empty())
+                    queued_.erase(it);
+                return;
+            }
+    }
+}
+
+void Canceller::SpawnQueued()
+{
+    bool spawned = true;
+    while (spawned && running_total_ < kCancelThreadsTotal && !queued_.empty()) {
+        spawned = false;
+        for (auto it = queued_.begin();
+             it != queued_.end() && running_total_ < kCancelThreadsTotal;) {
+            auto running = running_.find(it->first);
+            if (running != running_.end() && running->second >= kCancelThreadsPerGroup) {
+                ++it;
+                continue;
+            }
+            Queued next = it->second.front();
+            it->second.pop_front();
+            std::string group = it->first;
+            it = it->second.empty() ? queued_.erase(it) : std::next(it);
+            Spawn(group, next.token, next.cancel);
+            spawned = true;
+        }
+    }
 }
 
 void Canceller::Spawn(const std::string &group, uint64 token, PGcancel *cancel)
@@ -89,6 +128,7 @@ void Canceller::Spawn(const std::string &group, uint64 token, PGcancel *cancel)
         Report(shared_, {group, token, false, "could not start a thread to send the cancel"});
     }
     running_[group]++; // Collect() counts it back down
+    running_total_++;
 }
 
 std::vector<Canceller::Result> Canceller::Collect()
@@ -107,15 +147,9 @@ std::vector<Canceller::Result> Canceller::Collect()
         auto running = running_.find(r.group);
         if (running != running_.end() && --running->second <= 0)
             running_.erase(running);
-        auto queue = queued_.find(r.group);
-        if (queue == queued_.end())
-            continue;
-        Queued next = queue->second.front();
-        queue->second.pop_front();
-        if (queue->second.empty())
-            queued_.erase(queue);
-        Spawn(r.group, next.token, next.cancel);
+        running_total_--;
     }
+    SpawnQueued();
     return done;
 }
 

@@ -49,6 +49,7 @@ std::string CheckSql()
 
 constexpr int kTcpUserTimeoutMs = 10000;
 constexpr double kLatencySmoothing = 0.3; // weight of the newest sample in the moving average
+constexpr int kMaxStormSamples = 3;       // storm samples set aside in a row (CheckSucceeded)
 // A check or a growth connection that a local limit (the fleet budget, our descriptors) or the
 // node's own connection limit refused is tried again after this long: never a busy loop.
 constexpr long kLocalLimitRetryMs = 250;
@@ -376,9 +377,11 @@ void Node::StartCheck(TimestampTz now)
     if (conn == nullptr) {
         // A local limit (peerpool.max_total_connections spent by running queries, our file
         // descriptors, attempts in flight), not the node's failure: the check runs as soon as
-        // a connection comes back, or tries again shortly.
+        // a connection comes back, or tries again shortly. A pool still at max_connections
+        // keeps its timer: the extra connection is tried again in 250 ms, not an interval.
         check_starved_ = true;
-        full_since_ = 0;
+        if (static_cast<int>(conns_.size()) < config_.max_connections)
+            full_since_ = 0;
         check_blocked_until_ = After(now, kLocalLimitRetryMs);
         return;
     }
@@ -463,12 +466,6 @@ void Node::CheckFailed(const std::string &error, const std::string &sqlstate, bo
     CompleteCheckRequests(false);
 }
 
-// When the next periodic check is due: one interval after this one started, rounded up to a
-// grid of interval / 20 (at most 100 ms). The nodes of a large fleet connect at different
-// moments, so their checks are spread over the interval; unrounded, each would cost the loop a
-// wake-up (and a pass over the fleet) of its own. On the grid, the checks due within one step
-// run on one wake-up: with 1,000 nodes and 5 s checks, at most 10 check wake-ups a second
-// instead of about 200, for checks at most 100 ms later than the interval.
 // When the next check is due: one interval after the last one started, moved to the nearest
 // point of this node's own phase. The phases of a fleet are spread evenly over the interval,
 // on a grid of interval/20 (at most 100 ms) so that the checks due together share one wake-up
@@ -503,10 +500,15 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
     // (Fleet::ConnectionStorm: 8 attempts or more, at the start of a large fleet) measures
     // our own load -- backends being forked for us, handshakes on the same CPUs -- more than
     // the node's (SPEC section 3: local load is not the node's fault). Such a sample is shown
-    // while the node has no other, but is never averaged and cannot make it degraded.
+    // while the node has no other, and may lower an average but not raise it. Only
+    // kMaxStormSamples in a row are set aside: a storm that never ends (many nodes down behind
+    // a black hole, retrying) must not freeze the node's latency state.
     bool cold = !check_reused_;
-    bool storm = check_in_storm_ || fleet_.ConnectionStorm();
-    if (storm) {
+    bool storm = (check_in_storm_ || fleet_.ConnectionStorm()) && storm_samples_ < kMaxStormSamples;
+    storm_samples_ = storm ? storm_samples_ + 1 : 0;
+    if (storm && latency_ms_ >= 0 && !latency_cold_ && latency_ms < latency_ms_) {
+        latency_ms_ = (1 - kLatencySmoothing) * latency_ms_ + kLatencySmoothing * latency_ms;
+    } else if (storm) {
         if (latency_ms_ < 0 || latency_cold_) {
             latency_ms_ = latency_ms;
             latency_cold_ = true;
@@ -558,6 +560,8 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
     switch (state_) {
     case NODE_STATE_CONNECTING:
     case NODE_STATE_RECONNECTING:
+        if (good_checks_ == 0)
+            role_before_ = role_; // the role the node had before it went down (or unknown)
         role_ = detected;
         good_checks_++;
         if (good_checks_ < peerpool_healthy_threshold) {
@@ -570,10 +574,21 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
                                      : Format("recovered after %d failed attempt%s; %s detected",
                                               retry_attempt_, retry_attempt_ == 1 ? "" : "s",
                                               NodeRoleName(role_));
-            if (!degraded_reason.empty())
-                reason += "; " + degraded_reason;
             retry_attempt_ = 0;
             next_retry_at_ = 0;
+            if (state_ == NODE_STATE_RECONNECTING && role_before_ != NODE_ROLE_UNKNOWN &&
+                role_before_ != role_) {
+                // Its role changed while it was down (an old primary coming back as a standby
+                // after a failover, a standby promoted during an outage): a role change like
+                // any other, confirmed by the next check before anything new is routed to it.
+                Transition(NODE_STATE_TRANSITIONING,
+                           reason + Format("; role changed from %s to %s while down",
+                                           NodeRoleName(role_before_), NodeRoleName(role_)),
+                           now);
+                break;
+            }
+            if (!degraded_reason.empty())
+                reason += "; " + degraded_reason;
             Transition(target, reason, now);
         }
         break;
@@ -868,10 +883,22 @@ void Node::Manage(TimestampTz now)
     for (auto it = cancels_.begin(); it != cancels_.end();) {
         if (now >= it->second.deadline) {
             int pid = it->second.pid;
+            fleet_.canceller().Forget(it->first); // still queued: never sent
             it = cancels_.erase(it);
             LogCancelFailure(pid, "no answer within peerpool.connect_timeout + "
                                   "peerpool.health_check_timeout");
             ReleaseHeld(pid, false, now);
+            // The query may still run (its orphan grace period can be longer than this
+            // deadline): a cancel still on its way must not find the next caller's query.
+            for (const auto &c : conns_)
+                if (c->backend_pid() == pid) {
+                    auto lease = leases_.find(c->id());
+                    if (lease != leases_.end() && !lease->second.owner.valid()) {
+                        leases_.erase(lease);
+                        CloseConnection(c->id(), false);
+                    }
+                    break;
+                }
         } else {
             ++it;
         }

@@ -30,6 +30,8 @@ extern "C" {
 namespace peerpool {
 
 constexpr int kCancelThreadsPerGroup = 4; // cancels in flight to one node; more wait their turn
+constexpr int kCancelThreadsTotal = 64;   // and across the fleet (threads count in the
+                                          // postmaster's task limits)
 
 class Canceller {
 public:
@@ -54,11 +56,15 @@ public:
     };
     // The cancels that finished (after fd() fired); starts queued ones.
     std::vector<Result> Collect();
+    // The caller gave up on `token`: if it still waits for a thread, it is dropped unsent
+    // (a running one cannot be stopped; its result is then ignored by its caller).
+    void Forget(uint64 token);
 
     struct Shared; // what the threads share with the loop (canceller.cpp)
 
 private:
     void Spawn(const std::string &group, uint64 token, PGcancel *cancel);
+    void SpawnQueued(); // as many queued cancels as the caps allow, oldest group first
 
     std::shared_ptr<Shared> shared_;
     struct Queued {
@@ -67,6 +73,7 @@ private:
     };
     std::map<std::string, std::deque<Queued>> queued_; // group -> cancels waiting for a thread
     std::map<std::string, int> running_;               // group -> threads in flight
+    int running_total_ = 0;
     uint64 next_token_ = 1;
 };
 

@@ -239,7 +239,8 @@ private:
 
     NodeState state_ = NODE_STATE_DISCONNECTED;
     NodeRole role_ = NODE_ROLE_UNKNOWN;
-    bool read_only_ = false; // see read_only()
+    NodeRole role_before_ = NODE_ROLE_UNKNOWN; // role_ when the current recovery began
+    bool read_only_ = false;                   // see read_only()
     TimestampTz state_since_;
     uint64 phase_seed_; // spreads this node's checks over the interval (NextCheckTime)
 
@@ -298,6 +299,7 @@ private:
     TimestampTz cached_wake_ = 0;         // NextWake() at the end of the last Manage
     bool check_reused_ = false;           // the running check uses a pooled session, not its own
     bool check_in_storm_ = false;         // ... and was sent during our own connection storm
+    int storm_samples_ = 0;               // storm samples set aside in a row
     bool check_starved_ = false;          // a check is due but a local limit left it no connection
     TimestampTz check_blocked_until_ = 0; // ... so no new check before this
     TimestampTz full_since_ =
