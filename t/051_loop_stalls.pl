@@ -75,11 +75,13 @@ sub probe_ok
 	note sprintf('%s: %s calls to peer1, slowest %s ms, %s over 100 ms, %s failed; longest gap between checks %s ms',
 		$what, $calls // '?', $max // '?', $slow // '?', $failures // '?', $gap // '?');
 	is($ret, 0, "$what: the probe ran") or diag $err;
-	# A stalled loop holds every call for the whole obstacle (seconds, on 0.1 code); one call
-	# the scheduler of a busy 2-core machine delays is not a stall.
+	# A stalled loop holds every call for the whole obstacle (seconds, on 0.1 code), so nearly
+	# every call of the probe is slow; a few calls the scheduler of a busy 2-core machine delays
+	# are not a stall (one CI run, beside another benchmark, saw 3 of 120 over 100 ms, all
+	# under 200 ms).
 	cmp_ok($max // 1e9, '<', 1000, "$what: no call is held by the obstacle (slowest < 1 s)");
-	cmp_ok($slow // 1e9, '<=', 0.02 * ($calls // 0),
-		"$what: calls to another node keep their normal time (< 100 ms for 98 % of them)");
+	cmp_ok($slow // 1e9, '<=', 0.1 * ($calls // 0),
+		"$what: calls to another node keep their normal time (< 100 ms for 90 % of them)");
 	is($failures, 0, "$what: none failed");
 	cmp_ok($gap // 1e9, '<', 4 * $interval_ms + 300, "$what: health checks keep their interval");
 }

@@ -560,8 +560,6 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
     switch (state_) {
     case NODE_STATE_CONNECTING:
     case NODE_STATE_RECONNECTING:
-        if (good_checks_ == 0)
-            role_before_ = role_; // the role the node had before it went down (or unknown)
         role_ = detected;
         good_checks_++;
         if (good_checks_ < peerpool_healthy_threshold) {
@@ -630,6 +628,8 @@ void Node::CheckSucceeded(bool in_recovery, double lag_ms, double latency_ms, Ti
         Publish();
         break;
     }
+    if (Serving())
+        role_before_ = role_; // compared with the role found when it recovers from an outage
 }
 
 void Node::MarkUnhealthy(const std::string &reason, TimestampTz now)

@@ -239,7 +239,7 @@ private:
 
     NodeState state_ = NODE_STATE_DISCONNECTED;
     NodeRole role_ = NODE_ROLE_UNKNOWN;
-    NodeRole role_before_ = NODE_ROLE_UNKNOWN; // role_ when the current recovery began
+    NodeRole role_before_ = NODE_ROLE_UNKNOWN; // role_ at its last good check while serving
     bool read_only_ = false;                   // see read_only()
     TimestampTz state_since_;
     uint64 phase_seed_; // spreads this node's checks over the interval (NextCheckTime)
