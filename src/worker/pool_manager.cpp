@@ -476,7 +476,10 @@ void PoolManager::ScanRequestSlots(TimestampTz now)
         if (slot_state == REQUEST_SLOT_SUBMITTED && !cancel) {
             uint64 key = ++last_request_key_;
             try {
-                requests_[key] = std::make_unique<Request>(*this, i, key, now);
+                // Its deadlines (timeout_ms, acquire_timeout) count from now, read afresh: the
+                // pass's `now` can predate the submission by the length of the pass, and a
+                // caller would then see 53300 a few ms before its acquire_timeout.
+                requests_[key] = std::make_unique<Request>(*this, i, key, GetCurrentTimestamp());
                 if (shutdown_requested)
                     // Draining for shutdown: take no new work, say so at once (SPEC section 7).
                     requests_[key]
