@@ -178,6 +178,22 @@ SELECT count(*), sum(ok), sum(busy), sum(other),
 my $sampler  = $peer->background_psql('postgres');
 my $sampler2 = $peer->background_psql('postgres');
 # "SELECT (count of sessions matching $filter)": append a comparison for a boolean.
+# The most TCP connections of this host to the peer's port, sampled every 2 ms while the
+# hammer $h runs (until $until at the latest); returns (peak, samples).
+sub tcp_peak_while_running
+{
+	my ($h, $until) = @_;
+	my ($max, $samples) = (0, 0);
+	while (hammer_running($h) && time < $until)
+	{
+		my $n = PeerpoolFleet::tcp_clients_to($peer->port);
+		$max = $n if $n > $max;
+		$samples++;
+		usleep(2_000);
+	}
+	return ($max, $samples);
+}
+
 sub count_of { my ($filter) = @_; return "SELECT (SELECT count(*) FROM pg_stat_activity WHERE $filter)"; }
 
 sub wait_healthy
@@ -348,14 +364,7 @@ if (part('c'))
 			node_sql => "'hammer'", sql => 'SELECT pg_sleep(0.05)', secs => $secs);
 		PeerpoolFleet::stat_sample_start($sampler, count_of("application_name = 'pp_hammer'"), $secs + 1);
 		my $t0 = hammer_release();
-		my ($tcp_max, $tcp_samples) = (0, 0);
-		while (hammer_running($h) && time < $t0 + $secs + 60)
-		{
-			my $n = PeerpoolFleet::tcp_clients_to($peer->port);
-			$tcp_max = $n if $n > $tcp_max;
-			$tcp_samples++;
-			usleep(2_000);
-		}
+		my ($tcp_max, $tcp_samples) = tcp_peak_while_running($h, $t0 + $secs + 60);
 		my $r = hammer_finish($h, $phase);
 		my ($remote_max, $samples) = PeerpoolFleet::stat_sample_finish($sampler);
 		note sprintf('(c) %d sessions, max_connections %d, acquire_timeout %d ms, pg_sleep(0.05) for %d s: '
@@ -517,14 +526,7 @@ if (part('d'))
 		"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM pg_stat_activity WHERE application_name LIKE 'pp_d_' GROUP BY application_name) s",
 		$secs + 1);
 	my $t0 = hammer_release();
-	my ($tcp_max, $tcp_samples) = (0, 0);
-	while (hammer_running($h) && time < $t0 + $secs + 60)
-	{
-		my $n = PeerpoolFleet::tcp_clients_to($peer->port);
-		$tcp_max = $n if $n > $tcp_max;
-		$tcp_samples++;
-		usleep(2_000);
-	}
+	my ($tcp_max, $tcp_samples) = tcp_peak_while_running($h, $t0 + $secs + 60);
 	my $r = hammer_finish($h, 'd');
 	my ($peak, $samples) = PeerpoolFleet::stat_sample_finish($sampler);
 	my ($node_peak) = PeerpoolFleet::stat_sample_finish($sampler2);
