@@ -49,6 +49,28 @@ for i in $(seq 1 $PEERS); do
 shared_buffers = 16MB" 4096
     ports+=("$p")
 done
+
+# The floor, side by side: the same number of sessions opened by plain libpq clients, no
+# pg_peerpool (the load driver, one process per peer, one thread and session per node, all
+# connecting at once, one `SELECT 1` each). On a small machine that also runs every peer, the
+# cost of forking and starting 1,000 backends bounds how soon any pooler can have them all.
+DRIVER=$SRC/bench/driver
+if [ ! -x "$DRIVER" ]; then
+    g++ -std=c++17 -O2 -Wall -Wextra -pthread -I"$("$PG_CONFIG" --includedir)" \
+        "$SRC/bench/driver.cpp" -o "$DRIVER" -L"$("$PG_CONFIG" --libdir)" -lpq
+fi
+f0=$(date +%s.%N)
+floor_pids=()
+for p in "${ports[@]}"; do
+    as_test_user "$DRIVER" --conninfo "host=127.0.0.1 port=$p dbname=postgres user=$TEST_USER" \
+        --clients $(( NODES / PEERS )) --iterations 1 --sql 'SELECT 1' --label floor \
+        >/dev/null 2>"$DIR/floor_$p.err" &
+    floor_pids+=($!)
+done
+for pid in "${floor_pids[@]}"; do wait "$pid" || true; done
+floor_s=$(echo "$(date +%s.%N) - $f0" | bc -l)
+floor_errors=$(cat "$DIR"/floor_*.err | grep -c 'error:' || true)
+
 COORD_PORT=$(free_port)
 start coord "$COORD_PORT" "shared_preload_libraries = 'pg_peerpool'
 peerpool.max_nodes = $(( NODES + 10 ))
@@ -108,6 +130,8 @@ fds=$(ls /proc/$PM_PID/fd | wc -l)
     echo "|---|---|---|"
     printf '| the statement adding %d nodes | %.2f s | |\n' "$NODES" "$add_s"
     printf '| all %d nodes healthy after | %.2f s (%d healthy) | ≤ 10 s |\n' "$NODES" "$healthy_s" "$healthy"
+    printf '| the floor: %d sessions opened by plain libpq clients at once, one `SELECT 1` each, no pg_peerpool | %.2f s (%s errors) | |\n' "$NODES" "$floor_s" "$floor_errors"
+    printf '| pg_peerpool / floor | %.1f× | |\n' "$(echo "$healthy_s / $floor_s" | bc -l)"
     printf '| pooled connections | %s | |\n' "$conns"
     printf '| pool manager CPU while idle (5 s checks, %d s) | %.2f %% of a core | ≤ 1 %% |\n' "$IDLE_S" "$cpu_pct"
     printf '| pool manager RSS / open descriptors | %d MB / %d | |\n' "$(( rss_kb / 1024 ))" "$fds"

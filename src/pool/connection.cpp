@@ -2,6 +2,10 @@
 #include "pg_peerpool/pool/connection.hpp"
 
 #include <algorithm>
+#include <cstring>
+
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 #include "pg_peerpool/pg/guard.hpp"
 
@@ -209,6 +213,35 @@ bool Connection::StillAlive()
     return true;
 }
 
+TimestampTz Connection::PeekArrival() const
+{
+    pgsocket sock = conn_ ? PQsocket(conn_) : PGINVALID_SOCKET;
+    if (sock == PGINVALID_SOCKET)
+        return 0;
+    char byte;
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(timespec))];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    if (recvmsg(sock, &msg, MSG_PEEK | MSG_DONTWAIT) <= 0)
+        return 0;
+    for (cmsghdr *h = CMSG_FIRSTHDR(&msg); h != nullptr; h = CMSG_NXTHDR(&msg, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_TIMESTAMPNS)
+            continue;
+        timespec ts;
+        memcpy(&ts, CMSG_DATA(h), sizeof(ts));
+        // Unix epoch to PostgreSQL's (TimestampTz is microseconds since 2000-01-01).
+        return static_cast<TimestampTz>(ts.tv_sec -
+                                        (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) *
+                   USECS_PER_SEC +
+               ts.tv_nsec / 1000;
+    }
+    return 0;
+}
+
 void Connection::MarkIdle(TimestampTz now)
 {
     state_ = CONN_STATE_IDLE;
@@ -246,6 +279,10 @@ bool Connection::OnSocketReady()
             }
             state_ = CONN_STATE_IDLE;
             connected_at_ = last_used_ = GetCurrentTimestamp(); // gettimeofday: cannot error
+            // The socket is final now: ask the kernel to stamp what arrives (PeekArrival).
+            // Best effort; a socket that cannot (AF_UNIX) simply yields no stamps.
+            int on = 1;
+            (void)setsockopt(PQsocket(conn_), SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on));
             return true;
         }
         if (poll_ == PGRES_POLLING_FAILED) {

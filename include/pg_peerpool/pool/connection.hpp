@@ -113,6 +113,13 @@ public:
     // Notices the server sent; drained by the owner into the server log.
     std::vector<std::string> TakeNotices();
 
+    // When the first byte waiting unread in the socket reached this host, as the kernel
+    // stamped it (TCP: SO_TIMESTAMPNS, read with MSG_PEEK, so libpq still reads it); 0 when
+    // unknown (nothing waiting, a Unix socket, an older kernel). A check's latency is measured
+    // to this arrival, not to when the pool manager got the CPU to read it: on a busy host our
+    // own scheduling delay is not the node's latency (SPEC section 3).
+    TimestampTz PeekArrival() const;
+
 private:
     static void NoticeReceiver(void *arg, const PGresult *res);
     bool Start(const std::string &sql, TimestampTz now, ConnState running);

@@ -248,6 +248,8 @@ private:
     CheckPhase check_phase_ = CHECK_NONE;
     uint64 check_conn_ = 0;
     TimestampTz check_started_ = 0;
+    TimestampTz check_sent_ = 0;    // when its query went out (a fresh clock read)
+    TimestampTz check_arrival_ = 0; // when its answer reached this host (PeekArrival), or 0
     TimestampTz check_deadline_ = 0;
     TimestampTz next_check_at_ = 0;
     uint64 check_request_target_ = 0; // pool_check_health number being served
