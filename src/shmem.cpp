@@ -81,6 +81,7 @@ static void ShmemStartup()
         shared->max_nodes = peerpool_max_nodes;
         pg_atomic_init_u32(&shared->worker_generation, 0);
         pg_atomic_init_u64(&shared->request_events, 0);
+        pg_atomic_init_u64(&shared->check_requests, 0);
         SpinLockInit(&shared->manager.mutex);
     }
     request_slots = static_cast<char *>(

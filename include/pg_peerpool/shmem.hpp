@@ -145,6 +145,9 @@ struct SharedState {
     // Bumped by backends whenever a request slot needs the pool manager's attention
     // (submitted, cancelled); the pool manager scans the slots when it changed.
     pg_atomic_uint64 request_events;
+    // Bumped by pool_check_health() after it asked for checks: the pool manager then looks
+    // for the nodes asked about (it does not read every node's counters on every wake-up).
+    pg_atomic_uint64 check_requests;
 
     PoolManagerStatus manager; // liveness, see PoolManagerStatus
 

@@ -106,6 +106,7 @@ void Connection::BeginConnect(const ConnOptions &options)
     PQsetNoticeReceiver(conn_, &Connection::NoticeReceiver, this);
     if (PQstatus(conn_) == CONNECTION_BAD)
         MarkBroken(OneLine(PQerrorMessage(conn_)));
+    Reconsider();
 }
 
 Connection::~Connection()
@@ -143,6 +144,20 @@ uint32 Connection::WaitEvents(pgsocket &sock) const
         return 0;
     }
     return 0;
+}
+
+void Connection::Reconsider()
+{
+    if (listener_ == nullptr)
+        return;
+    pgsocket sock;
+    uint32 events = WaitEvents(sock);
+    if (sock == reported_socket_ && events == reported_events_ && poll_calls_ == reported_epoch_)
+        return;
+    reported_socket_ = sock;
+    reported_events_ = events;
+    reported_epoch_ = poll_calls_;
+    listener_->InterestChanged();
 }
 
 void Connection::NoticeReceiver(void *arg, const PGresult *res)
@@ -194,13 +209,14 @@ void Connection::MarkBroken(const std::string &why)
     state_ = CONN_STATE_BROKEN;
     if (error_.empty())
         error_ = why.empty() ? "connection lost" : why;
+    Reconsider();
 }
 
-bool Connection::StillAlive()
+bool Connection::StillAlive(bool read_socket)
 {
     if (conn_ == nullptr || state_ != CONN_STATE_IDLE)
         return state_ != CONN_STATE_BROKEN;
-    if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) == CONNECTION_BAD) {
+    if ((read_socket && PQconsumeInput(conn_) == 0) || PQstatus(conn_) == CONNECTION_BAD) {
         MarkBroken(OneLine(PQerrorMessage(conn_)));
         return false;
     }
@@ -246,9 +262,17 @@ void Connection::MarkIdle(TimestampTz now)
 {
     state_ = CONN_STATE_IDLE;
     last_used_ = now;
+    Reconsider();
 }
 
 bool Connection::OnSocketReady()
+{
+    bool changed = Advance();
+    Reconsider();
+    return changed;
+}
+
+bool Connection::Advance()
 {
     if (conn_ == nullptr || state_ == CONN_STATE_BROKEN)
         return false;
@@ -404,6 +428,13 @@ bool Connection::SendQuery(const std::string &sql, TimestampTz now, TimestampTz 
 }
 
 bool Connection::Start(const std::string &sql, TimestampTz now, ConnState running)
+{
+    bool ok = StartQuery(sql, now, running);
+    Reconsider();
+    return ok;
+}
+
+bool Connection::StartQuery(const std::string &sql, TimestampTz now, ConnState running)
 {
     outcome_ = QueryOutcome();
     query_finished_ = false;

@@ -150,6 +150,7 @@ int RequestChecksAndWait(SharedState *state, CheckWait *waits, int count, long t
 {
     for (int i = 0; i < count; i++)
         waits[i].target = pg_atomic_add_fetch_u64(&state->nodes[waits[i].slot].check_requested, 1);
+    pg_atomic_fetch_add_u64(&state->check_requests, 1); // after: the manager then sees them
     WakePoolManager();
     CheckBatch batch{waits, count, count};
     WaitOnCheckCv(

@@ -10,6 +10,7 @@
 #include "pg_peerpool/worker/pool_manager.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -53,6 +54,9 @@ constexpr rlim_t kMaxDescriptors = 65536; // how far we raise our soft RLIMIT_NO
 constexpr int kMaxConnecting = 64;        // connection attempts in flight, fleet-wide
 constexpr int kStormConnecting = 8;       // attempts in flight that make a connection storm
 constexpr long kBudgetHoldMs = 1000;      // a budget unit freed for a node waits this long for it
+// How often the loop walks the whole fleet anyway, to verify its bookkeeping (ManageDueNodes,
+// RebuildWaitSetIfNeeded): a node or socket it missed is logged and served then.
+constexpr long kVerifyMs = 1000;
 // The longest the loop may wait for a lock in its own transactions (see Run).
 constexpr const char *kLockTimeout = "10ms";
 
@@ -128,6 +132,10 @@ public:
     bool MayStartConnecting() const override { return connecting_ < kMaxConnecting; }
     bool ConnectionStorm() const override { return connecting_ >= kStormConnecting; }
     void ConnectingChanged(int delta) override { connecting_ += delta; }
+    void NodeDirty(Node *node) override { dirty_nodes_.push_back(node); }
+    void NodeSocketsChanged(Node *node) override { socket_nodes_.push_back(node); }
+    void NodeManaged(Node *node, TimestampTz wake, bool has_waiters) override;
+    void NodeGone(Node *node) override;
     bool Grant(const LeaseOwner &owner, Node &node, Connection &conn, TimestampTz now) override;
     void LeaseReady(const LeaseOwner &owner, Node &node, Connection &conn,
                     TimestampTz now) override;
@@ -150,6 +158,10 @@ private:
     void SyncRegistryIfNeeded(TimestampTz now);
     void ApplyRegistry(Registry registry, uint64 generation, TimestampTz now);
     void RebuildWaitSetIfNeeded();
+    bool UpdateChangedSockets();
+    void ManageDueNodes(TimestampTz now);
+    void RemoveDrainedNodes();
+    void Unschedule(Node *node);
     long SleepMs(TimestampTz now);
     void DispatchEvents(const WaitEvent *fired, int count, TimestampTz now);
     void Shutdown();
@@ -161,6 +173,32 @@ private:
     std::vector<Node *> node_list_;
     bool node_list_stale_ = true;
     const std::vector<Node *> &NodeList();
+    // The loop's bookkeeping: a wake-up costs what changed, not the size of the fleet. Nodes to
+    // manage on the next pass (MarkDirty), nodes whose sockets changed, nodes with waiting
+    // callers (managed on every pass), every node's next timer, and draining nodes.
+    std::vector<Node *> dirty_nodes_;
+    std::vector<Node *> dirty_scratch_;
+    std::vector<Node *> socket_nodes_;
+    std::set<Node *> waiting_nodes_;
+    // Every node's next timer: a binary min-heap with lazy deletion (no allocation per
+    // reschedule, which happens at every check): an entry counts only while its `seq` is still
+    // the node's loop.timer_seq.
+    struct Timer {
+        TimestampTz at;
+        Node *node;
+        uint64 seq;
+        bool operator>(const Timer &o) const { return at > o.at; }
+    };
+    std::vector<Timer> timers_;
+    uint64 timer_seq_ = 0;
+    void DropStaleTimers();
+    std::set<Node *> draining_;
+    std::vector<Node *> due_; // scratch of ManageDueNodes
+    uint64 pass_ = 0;
+    uint64 seen_check_requests_ = 0;
+    bool full_socket_rebuild_ = true;
+    TimestampTz next_verify_ = 0;
+    TimestampTz next_socket_verify_ = 0;
     EventLog events_;
     Resolver resolver_;
     Canceller canceller_;
@@ -594,6 +632,7 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
         }
         nodes_[n.name] = std::make_unique<Node>(*this, n, slot, now, loaded_generation_ == 0);
         node_list_stale_ = true;
+        full_socket_rebuild_ = true;
     }
     for (const NodeConfig &n : diff.changed) {
         auto it = nodes_.find(n.name);
@@ -604,9 +643,10 @@ void PoolManager::ApplyRegistry(Registry registry, uint64 generation, TimestampT
     }
     for (const std::string &name : diff.removed) {
         auto it = nodes_.find(name);
-        if (it != nodes_.end())
+        if (it != nodes_.end()) {
             it->second->StartDraining(now);
-        else
+            draining_.insert(it->second.get());
+        } else
             FreeNodeSlot(name);
     }
     if (!unplaced.empty())
@@ -630,13 +670,194 @@ const std::vector<Node *> &PoolManager::NodeList()
     return node_list_;
 }
 
+void PoolManager::NodeManaged(Node *node, TimestampTz wake, bool has_waiters)
+{
+    if (node->loop.scheduled_wake != wake) {
+        Unschedule(node);
+        if (wake != 0) {
+            node->loop.scheduled_wake = wake;
+            node->loop.timer_seq = ++timer_seq_;
+            timers_.push_back({wake, node, timer_seq_});
+            std::push_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+            // Stale entries leave as their time comes; keep them from piling up anyway.
+            if (timers_.size() > 4 * nodes_.size() + 64) {
+                timers_.erase(std::remove_if(timers_.begin(), timers_.end(),
+                                             [](const Timer &t) {
+                                                 return t.seq != t.node->loop.timer_seq;
+                                             }),
+                              timers_.end());
+                std::make_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+            }
+        }
+    }
+    if (node->loop.has_waiters != has_waiters) {
+        node->loop.has_waiters = has_waiters;
+        if (has_waiters)
+            waiting_nodes_.insert(node);
+        else
+            waiting_nodes_.erase(node);
+    }
+}
+
+void PoolManager::Unschedule(Node *node)
+{
+    node->loop.scheduled_wake = 0;
+    node->loop.timer_seq = 0; // its entry, if any, is stale from now on
+}
+
+void PoolManager::DropStaleTimers()
+{
+    while (!timers_.empty() && timers_.front().seq != timers_.front().node->loop.timer_seq) {
+        std::pop_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+        timers_.pop_back();
+    }
+}
+
+void PoolManager::NodeGone(Node *node)
+{
+    Unschedule(node);
+    // Its entries must go now: the pointer dies with it.
+    timers_.erase(std::remove_if(timers_.begin(), timers_.end(),
+                                 [node](const Timer &t) { return t.node == node; }),
+                  timers_.end());
+    std::make_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+    waiting_nodes_.erase(node);
+    draining_.erase(node);
+    auto drop = [node](std::vector<Node *> &v) {
+        v.erase(std::remove(v.begin(), v.end(), node), v.end());
+    };
+    drop(dirty_nodes_);
+    drop(socket_nodes_);
+    full_socket_rebuild_ = true;
+}
+
+// Manages the nodes that have something to do: touched since (dirty), a timer due, callers
+// waiting, a pool_check_health() request. Every kVerifyMs the whole fleet is walked as well,
+// and a node found due that the bookkeeping missed is logged (an internal error) and managed.
+void PoolManager::ManageDueNodes(TimestampTz now)
+{
+    uint64 pass = ++pass_;
+    due_.clear();
+    auto queue = [&](Node *node) {
+        if (node->loop.queued_pass != pass) {
+            node->loop.queued_pass = pass;
+            due_.push_back(node);
+        }
+    };
+    dirty_scratch_.clear();
+    dirty_scratch_.swap(dirty_nodes_);
+    for (Node *node : dirty_scratch_) {
+        node->loop.in_dirty_list = false;
+        queue(node);
+    }
+    for (Node *node : waiting_nodes_)
+        queue(node);
+    for (DropStaleTimers(); !timers_.empty() && timers_.front().at <= now; DropStaleTimers()) {
+        Node *node = timers_.front().node;
+        std::pop_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+        timers_.pop_back();
+        Unschedule(node);
+        queue(node);
+    }
+    uint64 requests = pg_atomic_read_u64(&RequireShared().check_requests);
+    bool verify = now >= next_verify_;
+    if (requests != seen_check_requests_ || verify) {
+        seen_check_requests_ = requests;
+        for (Node *node : NodeList()) {
+            if (node->loop.queued_pass == pass)
+                continue;
+            if (node->CheckRequested()) {
+                queue(node);
+            } else if (verify && node->Due(now)) {
+                Log(LOG, Format("internal: node \"%s\" was due but not scheduled",
+                                node->name().c_str()));
+                queue(node);
+            }
+        }
+        if (verify)
+            next_verify_ = TimestampTzPlusMilliseconds(now, kVerifyMs);
+    }
+    for (size_t i = 0; i < due_.size(); i++)
+        due_[i]->Manage(now);
+    due_.clear();
+}
+
+void PoolManager::RemoveDrainedNodes()
+{
+    if (draining_.empty())
+        return;
+    std::vector<std::string> done;
+    for (Node *node : draining_)
+        if (node->Drained())
+            done.push_back(node->name());
+    for (const std::string &name : done) {
+        nodes_.erase(name); // ~Node: NodeGone
+        node_list_stale_ = true;
+        FreeNodeSlot(name);
+        Log(LOG, Format("node \"%s\" drained and removed", name.c_str()));
+        if (waiting_for_slot_)
+            place_pending_ = true; // a node registered meanwhile can start now
+    }
+}
+
+// Only the nodes whose sockets changed: when each still has the same sockets, what we wait for
+// on them is updated in place (one epoll_ctl each). Returns false when the set of sockets itself
+// changed, which needs a new wait set.
+bool PoolManager::UpdateChangedSockets()
+{
+    bool same = true;
+    for (Node *node : socket_nodes_) {
+        node->loop.sockets_changed = false;
+        if (!same)
+            continue;
+        interests_.clear();
+        node->CollectSockets(interests_);
+        if (interests_.size() != node->loop.wait_count) {
+            same = false;
+            continue;
+        }
+        for (size_t i = 0; same && i < interests_.size(); i++) {
+            const Registered &r = registered_[node->loop.wait_begin + i];
+            same = r.node == node && r.conn_id == interests_[i].conn_id &&
+                   r.socket == interests_[i].socket && r.epoch == interests_[i].epoch;
+        }
+        if (!same)
+            continue;
+        WaitEventSet *set = wait_set_;
+        for (size_t i = 0; i < interests_.size(); i++) {
+            Registered &r = registered_[node->loop.wait_begin + i];
+            uint32 events = interests_[i].events;
+            if (events == r.events)
+                continue;
+            pg::Call([&] { ModifyWaitEvent(set, r.position, events, nullptr); });
+            r.events = events;
+        }
+    }
+    socket_nodes_.clear();
+    return same;
+}
+
 void PoolManager::RebuildWaitSetIfNeeded()
 {
+    TimestampTz now = GetCurrentTimestamp();
+    bool verify = now >= next_socket_verify_;
+    // A change the full walk finds that nobody reported is an internal error (logged below).
+    bool reported = full_socket_rebuild_ || !socket_nodes_.empty();
+    if (wait_set_ != nullptr && !full_socket_rebuild_ && !verify && UpdateChangedSockets())
+        return;
+    next_socket_verify_ = TimestampTzPlusMilliseconds(now, kVerifyMs);
+    for (Node *node : socket_nodes_)
+        node->loop.sockets_changed = false;
+    socket_nodes_.clear();
+    full_socket_rebuild_ = false;
+
     std::vector<Registered> &wanted = wanted_; // reused: no allocation on a wake-up
     wanted.clear();
     for (Node *node : NodeList()) {
         interests_.clear();
         node->CollectSockets(interests_);
+        node->loop.wait_begin = wanted.size();
+        node->loop.wait_count = interests_.size();
         for (const auto &i : interests_)
             wanted.push_back({node, i.conn_id, i.socket, i.events, i.epoch, -1});
     }
@@ -654,6 +875,9 @@ void PoolManager::RebuildWaitSetIfNeeded()
             if (wanted[i].events == registered_[i].events)
                 continue;
             Registered &r = registered_[i];
+            if (!reported) // found only by the periodic walk: a change nobody reported
+                Log(LOG, Format("internal: stale wait events for a connection of node \"%s\"",
+                                r.node->name().c_str()));
             uint32 events = wanted[i].events;
             pg::Call([&] { ModifyWaitEvent(set, r.position, events, nullptr); });
             r.events = events;
@@ -661,6 +885,8 @@ void PoolManager::RebuildWaitSetIfNeeded()
         return;
     }
 
+    if (!reported && wait_set_ != nullptr)
+        Log(LOG, "internal: the sockets of the wait set changed without being reported");
     registered_.swap(wanted);
     WaitEventSet *old = wait_set_;
     wait_set_ = nullptr;
@@ -687,14 +913,12 @@ void PoolManager::RebuildWaitSetIfNeeded()
 
 long PoolManager::SleepMs(TimestampTz now)
 {
+    if (!dirty_nodes_.empty())
+        return 0; // touched after it was managed (a request step): manage it first
     TimestampTz wake = next_recheck_;
-    for (const Node *node : NodeList()) {
-        if (node->Dirty())
-            return 0; // touched after it was managed (a request step): manage it first
-        TimestampTz t = node->CachedWake();
-        if (t != 0 && t < wake)
-            wake = t;
-    }
+    DropStaleTimers();
+    if (!timers_.empty() && timers_.front().at < wake)
+        wake = timers_.front().at;
     for (const auto &[key, request] : requests_) {
         TimestampTz t = request->NextWake();
         if (t != 0 && t < wake)
@@ -866,23 +1090,9 @@ void PoolManager::Run()
 
         now = GetCurrentTimestamp();
         ScanRequestSlots(now);
-        for (Node *node : NodeList())
-            if (node->Due(now)) // most of a large fleet has nothing to do on a given wake
-                node->Manage(now);
+        ManageDueNodes(now); // most of a large fleet has nothing to do on a given wake
         StepRequests(now);
-        for (auto it = nodes_.begin(); it != nodes_.end();) {
-            if (it->second->Drained()) {
-                std::string name = it->first;
-                it = nodes_.erase(it);
-                node_list_stale_ = true;
-                FreeNodeSlot(name);
-                Log(LOG, Format("node \"%s\" drained and removed", name.c_str()));
-                if (waiting_for_slot_)
-                    place_pending_ = true; // a node registered meanwhile can start now
-            } else {
-                ++it;
-            }
-        }
+        RemoveDrainedNodes();
         AbsorbCancel(); // a cancel request must not abort the NOTIFY transaction
         events_.Flush(GetCurrentTimestamp());
 

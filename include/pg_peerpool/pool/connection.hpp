@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "libpq-fe.h"
@@ -42,6 +43,17 @@ struct QueryOutcome {
     std::vector<std::vector<bool>> nulls;
 };
 
+// Told when what a connection waits for on its socket may have changed (WaitEvents, the
+// socket, socket_epoch): the pool manager then re-registers only that node's sockets instead of
+// asking every connection of the fleet on every wake-up.
+class InterestListener {
+public:
+    virtual void InterestChanged() = 0;
+
+protected:
+    ~InterestListener() = default;
+};
+
 class Connection {
 public:
     // Starts connecting. On immediate failure returns a connection in CONN_STATE_BROKEN with
@@ -65,6 +77,8 @@ public:
     // WL_SOCKET_* events to wait for (0: none).
     uint32 WaitEvents() const;
     uint32 WaitEvents(pgsocket &sock) const; // also returns socket(), in one libpq call
+
+    void set_listener(InterestListener *listener) { listener_ = listener; }
 
     // Advances the connection after its socket fired (or a timer). Returns true when the
     // state changed in a way the owner must look at (connected, broken, query finished).
@@ -91,7 +105,9 @@ public:
     void MarkBroken(const std::string &why);
     // For an idle connection: reads whatever the server sent meanwhile (without waiting) and
     // returns false, marking it broken, if the session has ended.
-    bool StillAlive();
+    // Without `read_socket`, only what was already read counts (no system call): enough where
+    // a dead session costs nothing but a retry (a health check, see Node::StartCheck).
+    bool StillAlive(bool read_socket = true);
     void MarkIdle(TimestampTz now);
 
     const std::string &error() const { return error_; }
@@ -122,7 +138,13 @@ public:
 
 private:
     static void NoticeReceiver(void *arg, const PGresult *res);
+    // Called at the end of every method that may change WaitEvents/socket/socket_epoch: tells
+    // the listener if they did.
+    void Reconsider();
+    template <typename Sink> PumpStatus PumpResults(Sink &&sink, bool read_socket);
     bool Start(const std::string &sql, TimestampTz now, ConnState running);
+    bool StartQuery(const std::string &sql, TimestampTz now, ConnState running);
+    bool Advance(); // OnSocketReady without Reconsider
     bool ReadResults();
 
     uint64 id_;
@@ -146,6 +168,10 @@ private:
     bool resolving_ = false;
     bool fatal_received_ = false; // the server sent FATAL/PANIC (as a notice, while idle)
     ConnOptions unresolved_;      // while resolving_: the options before name resolution
+    InterestListener *listener_ = nullptr;
+    pgsocket reported_socket_ = PGINVALID_SOCKET; // as last told to listener_
+    uint32 reported_events_ = 0;
+    uint32 reported_epoch_ = 0;
 };
 
 // Bounds on what a peer's notices may cost us per query (memory held, lines logged).
@@ -165,6 +191,13 @@ inline bool IsClientSideError(const PGresult *res)
 }
 
 template <typename Sink> PumpStatus Connection::Pump(Sink &&sink, bool read_socket)
+{
+    PumpStatus status = PumpResults(std::forward<Sink>(sink), read_socket);
+    Reconsider();
+    return status;
+}
+
+template <typename Sink> PumpStatus Connection::PumpResults(Sink &&sink, bool read_socket)
 {
     if (state_ != CONN_STATE_BUSY)
         return PUMP_DONE;

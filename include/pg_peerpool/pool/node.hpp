@@ -82,9 +82,18 @@ public:
     // or a mass registration of a large fleet). Check latencies then measure our load.
     virtual bool ConnectionStorm() const = 0;
     virtual void ConnectingChanged(int delta) = 0;
+    // The loop's bookkeeping, so that a wake-up costs what changed, not the size of the fleet:
+    // `node` must be managed on the next pass, and the loop must not sleep before (MarkDirty);
+    virtual void NodeDirty(Node *node) = 0;
+    // what its connections wait for on their sockets may have changed;
+    virtual void NodeSocketsChanged(Node *node) = 0;
+    // it was managed: its next timer, and whether callers wait (managed on every pass then);
+    virtual void NodeManaged(Node *node, TimestampTz wake, bool has_waiters) = 0;
+    // it is being destroyed: forget every pointer to it.
+    virtual void NodeGone(Node *node) = 0;
 };
 
-class Node {
+class Node final : public InterestListener {
 public:
     // `slot` is the node's index in SharedState::nodes, claimed by MirrorRegistry.
     // at_startup: loaded when the pool manager (re)started, not newly registered.
@@ -139,7 +148,25 @@ public:
     // pool_check_health() request). With 1,000 nodes the loop manages only these.
     bool Due(TimestampTz now) const;
     bool Dirty() const { return dirty_; }
-    void Touch() { dirty_ = true; }
+    void Touch() { MarkDirty(); }
+    // A connection's socket interest changed (Connection::Reconsider), or a connection came or
+    // went: tell the loop once until it has looked (loop.sockets_changed).
+    void InterestChanged() override;
+    // Whether pool_check_health() asked for a check that has not run yet (shared memory).
+    bool CheckRequested() const;
+
+    // Owned by the pool manager's loop (PoolManager), kept here so that its lists need no
+    // lookups: see Fleet::NodeDirty and the following.
+    struct LoopState {
+        bool in_dirty_list = false;
+        bool sockets_changed = false;
+        bool has_waiters = false;
+        TimestampTz scheduled_wake = 0; // its entry in the loop's timer queue (0: none)
+        uint64 timer_seq = 0;           // ... which is the entry with this number
+        uint64 queued_pass = 0;         // the last pass that queued it for Manage
+        size_t wait_begin = 0;          // its sockets' entries in the wait set
+        size_t wait_count = 0;
+    } loop;
     // NextWake() as of the end of the last Manage (valid while !Dirty()).
     TimestampTz CachedWake() const { return cached_wake_; }
 
@@ -208,7 +235,7 @@ private:
     void SettleConnecting(Connection *conn);
     Connection *FindConnection(uint64 id) const;
     Connection *IdleConnection() const;
-    Connection *LiveIdleConnection(TimestampTz now);
+    Connection *LiveIdleConnection(TimestampTz now, bool read_socket = true);
     int ConnectionCount(ConnState state) const;
 
     void StartCheck(TimestampTz now);
@@ -297,7 +324,9 @@ private:
     // Connections whose cancelled query ended before the cancel was delivered: held out of the
     // pool until the cancel has run, so it cannot hit the next caller's query. conn id -> pid.
     std::map<uint64, int> held_for_cancel_;
+    void MarkDirty();
     bool dirty_ = true;                   // see Due()
+    bool managing_ = false;               // inside Manage
     TimestampTz cached_wake_ = 0;         // NextWake() at the end of the last Manage
     bool check_reused_ = false;           // the running check uses a pooled session, not its own
     bool check_in_storm_ = false;         // ... and was sent during our own connection storm
