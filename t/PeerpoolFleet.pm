@@ -344,7 +344,9 @@ sub worker_pids
 
 =item check_logs(@nodes [, { killed_pids => [...] }])
 
-Assert that no node's server log contains "PANIC" or "terminated by signal".
+Assert that no node's server log contains "PANIC" or "terminated by signal", nor a
+line where the pool manager's loop reports that its bookkeeping missed a node or a
+socket ("pg_peerpool: internal:").
 With C<killed_pids>, a "terminated by signal" line is allowed when it names one
 of those pids (processes the test killed on purpose), and only then.
 
@@ -369,6 +371,10 @@ sub check_logs
 		} split /\n/, $log;
 		is(join("\n", @signal), '',
 			"$name: no unexpected 'terminated by signal' in the server log");
+		# The pool manager's loop verifies its own bookkeeping every second (nodes it must
+		# manage, sockets it must watch) and logs what it finds it missed.
+		my @internal = grep { /pg_peerpool: internal:/ } split /\n/, $log;
+		is(join("\n", @internal), '', "$name: the pool manager's loop missed nothing");
 	}
 	return;
 }

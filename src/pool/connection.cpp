@@ -2,6 +2,7 @@
 #include "pg_peerpool/pool/connection.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include <sys/socket.h>
@@ -207,6 +208,8 @@ std::vector<std::string> Connection::TakeNotices()
 void Connection::MarkBroken(const std::string &why)
 {
     state_ = CONN_STATE_BROKEN;
+    if (error_.empty() && peek_errno_ != 0) // libpq saw only the end of the stream after it
+        error_ = std::string("could not receive data from server: ") + strerror(peek_errno_);
     if (error_.empty())
         error_ = why.empty() ? "connection lost" : why;
     Reconsider();
@@ -242,7 +245,10 @@ TimestampTz Connection::PeekArrival() const
     msg.msg_iovlen = 1;
     msg.msg_control = control;
     msg.msg_controllen = sizeof(control);
-    if (recvmsg(sock, &msg, MSG_PEEK | MSG_DONTWAIT) <= 0)
+    ssize_t got = recvmsg(sock, &msg, MSG_PEEK | MSG_DONTWAIT);
+    if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+        peek_errno_ = errno; // the kernel hands a socket error out once: keep it (MarkBroken)
+    if (got <= 0)
         return 0;
     for (cmsghdr *h = CMSG_FIRSTHDR(&msg); h != nullptr; h = CMSG_NXTHDR(&msg, h)) {
         if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_TIMESTAMPNS)

@@ -903,6 +903,8 @@ void Node::Manage(TimestampTz now)
         explicit Managing(bool &f) : flag(f) { flag = true; }
         ~Managing() { flag = false; }
     } managing(managing_);
+    if (growth_blocked_until_ != 0 && now >= growth_blocked_until_)
+        growth_blocked_until_ = 0; // over: as a timer in the past it would wake the loop at once
     // Connection attempts past connect_timeout.
     for (const auto &c : conns_)
         if (c->state() == CONN_STATE_CONNECTING && now >= c->deadline())

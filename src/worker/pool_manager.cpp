@@ -162,6 +162,7 @@ private:
     void ManageDueNodes(TimestampTz now);
     void RemoveDrainedNodes();
     void Unschedule(Node *node);
+    void ForgetDirtyNodes();
     long SleepMs(TimestampTz now);
     void DispatchEvents(const WaitEvent *fired, int count, TimestampTz now);
     void Shutdown();
@@ -321,7 +322,7 @@ bool PoolManager::YieldBudget(const Node *node, TimestampTz since, TimestampTz n
     if (oldest == nullptr)
         return false;
     oldest->held_at = now;
-    oldest->node->Touch(); // it opens its connection on this pass of the loop
+    oldest->node->Touch(); // it opens its connection on the next pass of the loop
     return true;
 }
 
@@ -705,6 +706,15 @@ void PoolManager::Unschedule(Node *node)
     node->loop.timer_seq = 0; // its entry, if any, is stale from now on
 }
 
+// For the passes of Shutdown, which manage every node: the dirty list would otherwise stay
+// full and SleepMs keep returning 0.
+void PoolManager::ForgetDirtyNodes()
+{
+    for (Node *node : dirty_nodes_)
+        node->loop.in_dirty_list = false;
+    dirty_nodes_.clear();
+}
+
 void PoolManager::DropStaleTimers()
 {
     while (!timers_.empty() && timers_.front().seq != timers_.front().node->loop.timer_seq) {
@@ -760,6 +770,7 @@ void PoolManager::ManageDueNodes(TimestampTz now)
         queue(node);
     }
     uint64 requests = pg_atomic_read_u64(&RequireShared().check_requests);
+    pg_read_barrier(); // pairs with the full barrier of the requester's fetch_add (stats.cpp)
     bool verify = now >= next_verify_;
     if (requests != seen_check_requests_ || verify) {
         seen_check_requests_ = requests;
@@ -978,6 +989,7 @@ void PoolManager::Shutdown()
     while (in_flight() && GetCurrentTimestamp() < deadline) {
         TimestampTz now = GetCurrentTimestamp();
         ScanRequestSlots(now); // callers cancelled meanwhile get their queries cancelled
+        ForgetDirtyNodes();    // every node is managed here, not by ManageDueNodes
         for (auto &[name, node] : nodes_)
             node->Manage(now);
         StepRequests(now);
@@ -1027,6 +1039,7 @@ void PoolManager::Shutdown()
             return got;
         });
         DispatchEvents(events, n, GetCurrentTimestamp());
+        ForgetDirtyNodes();
         for (auto &[name, node] : nodes_)
             node->Manage(GetCurrentTimestamp());
     }

@@ -172,6 +172,7 @@ private:
     pgsocket reported_socket_ = PGINVALID_SOCKET; // as last told to listener_
     uint32 reported_events_ = 0;
     uint32 reported_epoch_ = 0;
+    mutable int peek_errno_ = 0; // a socket error PeekArrival took from the kernel
 };
 
 // Bounds on what a peer's notices may cost us per query (memory held, lines logged).
