@@ -36,18 +36,6 @@ PeerpoolFleet::timed_ok(
 
 my ($worker) = PeerpoolFleet::worker_pids($coord);
 
-# utime + stime of a process in clock ticks.
-sub cpu_ticks
-{
-	my ($pid) = @_;
-	open(my $fh, '<', "/proc/$pid/stat") or return 0;
-	my $stat = <$fh>;
-	close $fh;
-	$stat =~ s/^.*\)\s+//s;    # after "pid (comm) "
-	my @f = split ' ', $stat;
-	return $f[11] + $f[12];    # fields 14 and 15 of stat, counted from "state" = 0
-}
-
 # The client loop runs inside the coordinator: every call timed with clock_timestamp().
 my $loop = PeerpoolFleet::psql_start($coord, [
 	qq{CREATE FUNCTION pg_temp.flap_loop(secs float8, OUT calls int, OUT stable_ok int, OUT flap_ok int,
@@ -79,7 +67,7 @@ END \$\$},
 	"SELECT calls || ' ' || stable_ok || ' ' || flap_ok || ' ' || round(max_ms::numeric, 1) || ' ' || slow_calls FROM pg_temp.flap_loop($seconds)" ],
 	timeout => $seconds + 60);
 
-my $ticks0 = cpu_ticks($worker);
+my $cpu0 = PeerpoolFleet::proc_cpu_seconds($worker);
 my $t0 = time;
 my $stops = 0;
 srand(42);
@@ -93,7 +81,7 @@ while (time - $t0 < $seconds - 1)
 }
 my ($ret, $out, $err) = PeerpoolFleet::psql_finish($loop);
 my $wall = time - $t0;
-my $cpu = (cpu_ticks($worker) - $ticks0) / POSIX::sysconf(POSIX::_SC_CLK_TCK());
+my $cpu = PeerpoolFleet::proc_cpu_seconds($worker) - $cpu0;
 chomp $out;
 my ($calls, $stable_ok, $flap_ok, $max_ms, $slow) = split ' ', ($out // '');
 note sprintf('%d stop/start cycles in %.1f s; %s calls: stable answered %s, flapping answered %s; slowest call %s ms, %s over 2 s; '

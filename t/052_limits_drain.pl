@@ -67,6 +67,16 @@ $coord->safe_psql('postgres', "SELECT peerpool.pool_alter_node('peer1', max_conn
 ok(defined PeerpoolFleet::wait_until($coord,
 		"SELECT active >= 2 FROM peerpool.pool_stats WHERE node_name = 'peer1'"),
 	'both connections of the node are busy');
+# A third caller waits for one of them. The node's growth was refused in part 2: that block,
+# long over, once stayed a timer in the past while callers waited, and the loop spun.
+my ($growth_worker) = PeerpoolFleet::worker_pids($coord);
+push @calls, PeerpoolFleet::psql_start($coord,
+	[q{SELECT x FROM peerpool.pool_query('SELECT 1::text', 'peer1') AS t(x text)}]);
+ok(defined PeerpoolFleet::wait_until($coord,
+		"SELECT waiting >= 1 FROM peerpool.pool_stats WHERE node_name = 'peer1'"),
+	'a third caller waits');
+my $cpu0    = PeerpoolFleet::proc_cpu_seconds($growth_worker);
+my $wall0   = time;
 my $max_gap = 0;
 my $last    = '';
 my $changed = time;
@@ -81,6 +91,9 @@ while (time < $stop)
 }
 note sprintf('longest gap between checks while the pool was busy: %.0f ms', 1000 * $max_gap);
 cmp_ok($max_gap, '<', 1.2, 'health checks keep running (interval 300 ms)');
+my $cpu_share = (PeerpoolFleet::proc_cpu_seconds($growth_worker) - $cpu0) / (time - $wall0);
+note sprintf('pool manager CPU while a caller waited: %.1f %% of a core', 100 * $cpu_share);
+cmp_ok($cpu_share, '<', 0.25, 'the pool manager does not spin while a caller waits');
 PeerpoolFleet::psql_finish($_) for @calls;
 ok(defined PeerpoolFleet::wait_until($coord,
 		"SELECT total <= 2 FROM peerpool.pool_stats WHERE node_name = 'peer1'"),

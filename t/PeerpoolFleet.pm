@@ -39,6 +39,7 @@ use Carp;
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use POSIX ();
 use Test::More;
 use Time::HiRes qw(time usleep);
 
@@ -859,6 +860,25 @@ sub stat_sample_finish
 	return split /\|/, ($line // '|');
 }
 
+
+=item proc_cpu_seconds($pid)
+
+User plus system CPU time a process has used so far, in seconds, from
+/proc/$pid/stat (Linux); 0 if the process is gone.
+
+=cut
+
+sub proc_cpu_seconds
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/stat") or return 0;
+	my $stat = <$fh>;
+	close $fh;
+	$stat =~ s/^.*\)\s+//s;    # after "pid (comm) "
+	my @f = split ' ', $stat;
+	# fields 14 and 15 of stat (utime, stime), counted from "state" = 0
+	return ($f[11] + $f[12]) / POSIX::sysconf(POSIX::_SC_CLK_TCK());
+}
 
 =item proc_memory_kb($pid)
 
