@@ -134,6 +134,48 @@ cpu_sys_pct=$(echo "100 * ($s1 - $s0) / 100 / ($w1 - $w0)" | bc -l)
 rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$PM_PID/status)
 fds=$(ls /proc/$PM_PID/fd | wc -l)
 
+# The idle-CPU floor, side by side: the same checks (the very query string the pool manager
+# sends, read from a peer's pg_stat_activity), at the same rate and on the same 100 ms grid,
+# from a minimal epoll loop with one libpq connection per node and nothing else
+# (bench/checkloop.cpp), after the coordinator has stopped and its sessions are gone.
+psql_peer() { as_test_user "$PG_BINDIR/psql" -X -q -At -h 127.0.0.1 -p "$1" -d postgres -c "$2"; }
+check_sql=$(psql_peer "${ports[0]}" "SELECT query FROM pg_stat_activity
+    WHERE application_name = 'pg_peerpool' AND query LIKE 'SET LOCAL statement_timeout%' LIMIT 1")
+as_test_user "$PG_BINDIR/pg_ctl" -D "$DIR/coord" -m fast stop >/dev/null
+for p in "${ports[@]}"; do
+    for _ in $(seq 1 300); do
+        [ "$(psql_peer "$p" "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_peerpool'")" = 0 ] && break
+        sleep 0.1
+    done
+done
+CHECKLOOP=$SRC/bench/checkloop
+if [ ! -x "$CHECKLOOP" ]; then
+    g++ -std=c++17 -O2 -Wall -Wextra -I"$("$PG_CONFIG" --includedir)" \
+        "$SRC/bench/checkloop.cpp" -o "$CHECKLOOP" -L"$("$PG_CONFIG" --libdir)" -lpq
+fi
+floor_cpu="not measured (no check query seen on the peer)"
+if [ -n "$check_sql" ]; then
+    cl_args=()
+    for p in "${ports[@]}"; do
+        cl_args+=(--conninfo "host=127.0.0.1 port=$p dbname=postgres user=$TEST_USER application_name=checkloop")
+    done
+    # The checks due within one 100 ms grid slot share a wake-up, as in the pool manager.
+    cl_out=$(as_test_user "$CHECKLOOP" "${cl_args[@]}" --nodes "$NODES" --interval-ms 5000 \
+        --grid-ms 100 --sql "$check_sql" --seconds "$IDLE_S" 2>&1 || true)
+    cl_user=$(echo "$cl_out" | sed -n 's/.*cpu_user_pct=\([0-9.]*\).*/\1/p')
+    cl_sys=$(echo "$cl_out" | sed -n 's/.*cpu_sys_pct=\([0-9.]*\).*/\1/p')
+    cl_checks=$(echo "$cl_out" | sed -n 's/.*checks=\([0-9]*\).*/\1/p')
+    cl_failed=$(echo "$cl_out" | sed -n 's/.*failed=\([0-9]*\).*/\1/p')
+    if [ -n "$cl_user" ] && [ -n "$cl_sys" ]; then
+        cl_total=$(echo "$cl_user + $cl_sys" | bc -l)
+        floor_cpu=$(printf '%.2f %% of a core (user %.2f %%, kernel %.2f %%; %s checks, %s failed)' \
+            "$cl_total" "$cl_user" "$cl_sys" "$cl_checks" "$cl_failed")
+        floor_cpu_ratio=$(printf '%.1f×' "$(echo "$cpu_pct / $cl_total" | bc -l)")
+    else
+        floor_cpu="failed: $cl_out"
+    fi
+fi
+
 {
     echo "# Scale: $NODES nodes"
     echo
@@ -150,6 +192,8 @@ fds=$(ls /proc/$PM_PID/fd | wc -l)
     printf '| pg_peerpool / floor | %.1f× | |\n' "$(echo "$healthy_s / $floor_s" | bc -l)"
     printf '| pooled connections | %s | |\n' "$conns"
     printf '| pool manager CPU while idle (5 s checks, %d s) | %.2f %% of a core (user %.2f %%, kernel %.2f %%) | ≤ 1 %% |\n' "$IDLE_S" "$cpu_pct" "$cpu_user_pct" "$cpu_sys_pct"
+    printf '| the floor: the same checks at the same rate, on the same 100 ms grid, from a minimal libpq epoll loop, no pg_peerpool (%d s) | %s | |\n' "$IDLE_S" "$floor_cpu"
+    [ -n "${floor_cpu_ratio:-}" ] && printf '| pool manager CPU / floor | %s | |\n' "$floor_cpu_ratio"
     printf '| pool manager RSS / open descriptors | %d MB / %d | |\n' "$(( rss_kb / 1024 ))" "$fds"
     if [ -n "$problems" ]; then printf '\nNodes not healthy at the end: %s\n' "$problems"; fi
 } | tee "$OUT"
