@@ -57,10 +57,7 @@ done
 # backends bounds how soon any pooler can have them all. (Sessions of a wave close before the
 # next starts: fewer backends alive than in the real run, more exits.)
 DRIVER=$SRC/bench/driver
-if [ ! -x "$DRIVER" ]; then
-    g++ -std=c++17 -O2 -Wall -Wextra -pthread -I"$("$PG_CONFIG" --includedir)" \
-        "$SRC/bench/driver.cpp" -o "$DRIVER" -L"$("$PG_CONFIG" --libdir)" -lpq
-fi
+[ -x "$DRIVER" ] || build_bench_tool driver
 FLOOR_WAVE=64
 f0=$(date +%s.%N)
 opened=0
@@ -149,10 +146,7 @@ for p in "${ports[@]}"; do
     done
 done
 CHECKLOOP=$SRC/bench/checkloop
-if [ ! -x "$CHECKLOOP" ]; then
-    g++ -std=c++17 -O2 -Wall -Wextra -I"$("$PG_CONFIG" --includedir)" \
-        "$SRC/bench/checkloop.cpp" -o "$CHECKLOOP" -L"$("$PG_CONFIG" --libdir)" -lpq
-fi
+[ -x "$CHECKLOOP" ] || build_bench_tool checkloop
 floor_cpu="not measured (no check query seen on the peer)"
 if [ -n "$check_sql" ]; then
     cl_args=()

@@ -66,8 +66,7 @@ fi
 
 # ---- the load driver ----------------------------------------------------------------------------
 DRIVER=$SRC/bench/driver
-g++ -std=c++17 -O2 -Wall -Wextra -pthread -I"$INCLUDEDIR" "$SRC/bench/driver.cpp" -o "$DRIVER" \
-    -L"$("$PG_CONFIG" --libdir)" -lpq
+build_bench_tool driver
 say "built bench/driver"
 
 rm -rf "$RESULTS" # the results of one run only

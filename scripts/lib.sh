@@ -21,6 +21,12 @@ else
     as_test_user() { "$@"; }
 fi
 
+# Builds one of the benchmark's client programs, bench/NAME.cpp, into bench/NAME (libpq only).
+build_bench_tool() {
+    g++ -std=c++17 -O2 -Wall -Wextra -pthread -I"$("$PG_CONFIG" --includedir)" \
+        "$SRC/bench/$1.cpp" -o "$SRC/bench/$1" -L"$("$PG_CONFIG" --libdir)" -lpq
+}
+
 # Copies the source tree (without .git and build products) into a fresh directory the test
 # user owns, and prints its path.
 scratch_copy() {

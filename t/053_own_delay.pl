@@ -34,9 +34,7 @@ my ($peer) = PeerpoolFleet::peers(1);
 my $proxy = FaultProxy->new(upstream_port => $peer->port, name => 'px');
 END { $proxy->stop if $proxy; }
 
-$coord->safe_psql('postgres', sprintf(
-	q{SELECT peerpool.pool_add_node('px', %s, min_connections => 1, max_connections => 2)},
-	PeerpoolFleet::quote($proxy->conninfo($user))));
+$proxy->register($coord, $user, 2);
 ok(defined PeerpoolFleet::wait_for_health($coord, "bool_and(state = 'healthy')"), 'px healthy');
 my ($worker) = PeerpoolFleet::worker_pids($coord);
 

@@ -29,9 +29,7 @@ my ($peer) = PeerpoolFleet::peers(1, conf => "client_connection_check_interval =
 my $proxy = FaultProxy->new(upstream_port => $peer->port, name => 'px');
 END { $proxy->stop if $proxy; }
 
-$coord->safe_psql('postgres', sprintf(
-	q{SELECT peerpool.pool_add_node('px', %s, min_connections => 1, max_connections => 1)},
-	PeerpoolFleet::quote($proxy->conninfo($user))));
+$proxy->register($coord, $user, 1);
 ok(defined PeerpoolFleet::wait_for_health($coord, "bool_and(state = 'healthy')"), 'px healthy');
 my $sleeping = q{SELECT count(*) FROM pg_stat_activity
                   WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()};

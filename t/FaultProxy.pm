@@ -230,18 +230,31 @@ sub conninfo
 	return sprintf('host=127.0.0.1 port=%d dbname=postgres user=%s', $self->port, $user);
 }
 
-# Registers on `coord` the node px (through this proxy) and the node direct (the peer `direct`
-# without a proxy), each with min_connections 1 and max_connections `max_conn`: the pair the
-# fault tests compare.
+# Registers on `coord` the node px, reached through this proxy as `user`, with
+# min_connections 1 and max_connections `max_conn`.
+sub register
+{
+	my ($self, $coord, $user, $max_conn) = @_;
+	_add_node($coord, 'px', $self->conninfo($user), $max_conn);
+	return;
+}
+
+# register, plus the node direct (the peer `direct` without a proxy) with the same bounds: the
+# pair the fault tests compare.
 sub register_pair
 {
 	my ($self, $coord, $user, $direct, $max_conn) = @_;
-	for ([ 'px', $self->conninfo($user) ], [ 'direct', PeerpoolFleet::peer_conninfo($direct) ])
-	{
-		$coord->safe_psql('postgres', sprintf(
-			q{SELECT peerpool.pool_add_node('%s', %s, min_connections => 1, max_connections => %d)},
-			$_->[0], PeerpoolFleet::quote($_->[1]), $max_conn));
-	}
+	$self->register($coord, $user, $max_conn);
+	_add_node($coord, 'direct', PeerpoolFleet::peer_conninfo($direct), $max_conn);
+	return;
+}
+
+sub _add_node
+{
+	my ($coord, $name, $conninfo, $max_conn) = @_;
+	$coord->safe_psql('postgres', sprintf(
+		q{SELECT peerpool.pool_add_node('%s', %s, min_connections => 1, max_connections => %d)},
+		$name, PeerpoolFleet::quote($conninfo), $max_conn));
 	return;
 }
 sub pid      { return $_[0]{pid}; }

@@ -193,6 +193,12 @@ private:
     std::vector<Timer> timers_;
     uint64 timer_seq_ = 0;
     void DropStaleTimers();
+    // Removes the entries `drop` selects and restores the heap.
+    template <typename Pred> void RemoveTimers(Pred drop)
+    {
+        timers_.erase(std::remove_if(timers_.begin(), timers_.end(), drop), timers_.end());
+        std::make_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+    }
     std::set<Node *> draining_;
     std::vector<Node *> due_; // scratch of ManageDueNodes
     uint64 pass_ = 0;
@@ -681,14 +687,8 @@ void PoolManager::NodeManaged(Node *node, TimestampTz wake, bool has_waiters)
             timers_.push_back({wake, node, timer_seq_});
             std::push_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
             // Stale entries leave as their time comes; keep them from piling up anyway.
-            if (timers_.size() > 4 * nodes_.size() + 64) {
-                timers_.erase(std::remove_if(timers_.begin(), timers_.end(),
-                                             [](const Timer &t) {
-                                                 return t.seq != t.node->loop.timer_seq;
-                                             }),
-                              timers_.end());
-                std::make_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
-            }
+            if (timers_.size() > 4 * nodes_.size() + 64)
+                RemoveTimers([](const Timer &t) { return t.seq != t.node->loop.timer_seq; });
         }
     }
     if (node->loop.has_waiters != has_waiters) {
@@ -727,10 +727,7 @@ void PoolManager::NodeGone(Node *node)
 {
     Unschedule(node);
     // Its entries must go now: the pointer dies with it.
-    timers_.erase(std::remove_if(timers_.begin(), timers_.end(),
-                                 [node](const Timer &t) { return t.node == node; }),
-                  timers_.end());
-    std::make_heap(timers_.begin(), timers_.end(), std::greater<Timer>());
+    RemoveTimers([node](const Timer &t) { return t.node == node; });
     waiting_nodes_.erase(node);
     draining_.erase(node);
     auto drop = [node](std::vector<Node *> &v) {

@@ -147,7 +147,6 @@ public:
     // (every public mutator marks it), a timer is due, or work waits (callers, cancels, a
     // pool_check_health() request). With 1,000 nodes the loop manages only these.
     bool Due(TimestampTz now) const;
-    bool Dirty() const { return dirty_; }
     void Touch() { MarkDirty(); }
     // A connection's socket interest changed (Connection::Reconsider), or a connection came or
     // went: tell the loop once until it has looked (loop.sockets_changed).
@@ -167,8 +166,6 @@ public:
         size_t wait_begin = 0;          // its sockets' entries in the wait set
         size_t wait_count = 0;
     } loop;
-    // NextWake() as of the end of the last Manage (valid while !Dirty()).
-    TimestampTz CachedWake() const { return cached_wake_; }
 
     struct SocketInterest {
         uint64 conn_id;
