@@ -20,6 +20,8 @@ SELECT h.last_check > b.last_check AS advanced
   FROM peerpool.pool_check_health('self') h, before b;
 
 -- The pool keeps min_connections open, each visible here with the conninfo's application_name.
+-- A session shows here a moment before the pool manager has read its start-up answer: wait for
+-- both views, ours too.
 CREATE FUNCTION pg_temp.wait_for(sql text) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE ok boolean;
 BEGIN
@@ -32,7 +34,9 @@ BEGIN
     RETURN false;
 END $$;
 SELECT pg_temp.wait_for($$SELECT count(*) = 2 FROM pg_stat_activity
-                          WHERE application_name = 'peerpool_regress'$$) AS two_sessions;
+                          WHERE application_name = 'peerpool_regress'
+                            AND (SELECT idle FROM peerpool.pool_stats
+                                  WHERE node_name = 'self') = 2$$) AS two_sessions;
 SELECT node_name, state, total, active, idle, waiting, created >= 2 AS created, closed, recycled,
        acquires, acquire_timeouts, queries, errors, avg_query_ms
   FROM peerpool.pool_stats WHERE node_name = 'self';
