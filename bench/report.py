@@ -43,6 +43,35 @@ COLORS = {
 }
 
 
+# Why the reset costs what it costs, and the cheaper ways tried (issue 8).
+RESET_EXPLANATION = (
+    "Where the cost comes from: `DISCARD ALL` is one more statement on the remote session after "
+    "every call. On the peer it costs what `SELECT 1` does (pgbench, one client on this machine: "
+    "0.039 ms against 0.041 ms; the statement itself is cheap, the round trip is not), and the "
+    "pooler sends it and reads its answer: one `send` and one `recv` more per call (the CPU table "
+    "above: the pool manager's share per call is about pgbouncer's for the same reset). In the "
+    "shared placement that work runs on the CPUs the caller needs; with the peer on its own CPU, "
+    "only the pooler's part is left on the caller's side. Cheaper ways tried or considered, none "
+    "of which keeps every isolation guarantee or gains anything: sending the reset only once the "
+    "node has handed out its next call, so that it overlaps the next call's wait on the peer "
+    "instead of the caller's own work (built and measured with this script, 7 interleaved rounds: "
+    "one-client p50 0.152 ms sent at once, 0.172 ms deferred, 0.114 ms without reset on shared "
+    "CPUs; 0.172, 0.190 and 0.201 ms split; so it was dropped); pipelining "
+    "the reset behind the caller's query in one write (libpq allows that only in pipeline mode, "
+    "which needs the extended protocol and so refuses multi-statement SQL; measured apart with a "
+    "libpq client, the pipelined pair cost 66-72 µs of CPU against 64-69 µs as two round trips); "
+    "prefixing the next caller's SQL with the reset (`DISCARD ALL` refuses the implicit "
+    "transaction of a multi-statement string, and its parts would share the caller's transaction "
+    "and be rolled back with a failing call); a cheaper statement (`RESET ALL` misses temporary "
+    "tables, locks, prepared statements and LISTEN; SPEC section 6 fixes the default); skipping "
+    "the reset when the same caller comes back (SPEC section 5 covers any later call); detecting "
+    "a dirty session from the server's ParameterStatus messages or command tags (they miss roles "
+    "set by functions, temporary tables, locks and LISTEN); a lazy reset just before the next use "
+    "(leaves advisory locks, temporary tables and LISTEN in idle sessions). `reset_query = ''` "
+    "remains the opt-out for fleets whose callers are one trust domain."
+)
+
+
 def read_kv(path):
     out = {}
     if os.path.exists(path):
@@ -120,25 +149,20 @@ def merged_latency(runs, results, method):
     }
 
 
-def merged_reset(runs, results, reset):
-    """Phase 2b, 1 client: merge the interleaved rounds of one reset setting."""
-    rs = [r for r in runs if r.get("tags", {}).get("phase") == "reset"
-          and r.get("tags", {}).get("reset") == reset and r.get("tags", {}).get("clients") == "1"]
-    if not rs:
-        return None
-    bad = [r for r in rs if r.get("driver_failed") is not None]
-    if bad:
-        return bad[0]
-    lat = []
-    for r in rs:
-        with open(os.path.join(results, r["tags"]["latencies"])) as f:
-            lat.extend(float(line) for line in f if line.strip())
-    lat.sort()
-    return {
-        "calls": len(lat), "errors": sum(r["errors"] + r.get("warmup_errors", 0) for r in rs),
-        "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
-        "rounds_p50": [r.get("p50_ms") for r in sorted(rs, key=lambda r: int(r["tags"].get("round", 1)))],
-    }
+def included_page(docs, name):
+    """A page another script wrote (bench/reset.sh, bench/scale.sh): its lines, and the JSON of
+    its `<!-- summary ... -->` line ({} when there is none)."""
+    path = os.path.join(docs, name)
+    if not os.path.exists(path):
+        return None, {}
+    lines, summary = [], {}
+    with open(path) as f:
+        for line in f.read().splitlines():
+            if line.startswith("<!-- summary ") and line.endswith(" -->"):
+                summary = json.loads(line[len("<!-- summary "):-len(" -->")])
+            else:
+                lines.append(line)
+    return lines, summary
 
 
 def read_strace(path):
@@ -532,19 +556,28 @@ def main():
       "for direct libpq | %s |"
       % (pool_max, tp_errors, "n/a" if peak_pooled is None else peak_pooled, pool_max,
          fmt_qps(val(tp32, "qps")), fmt_qps(val(lib32, "qps")), verdict(tp_ok)))
-    rd1, rn1 = merged_reset(runs, results, "default"), merged_reset(runs, results, "none")
-    d8r = find(runs, phase="reset", reset="default", clients="8")
-    n8r = find(runs, phase="reset", reset="none", clients="8")
-    r_reset = ratio(val(rd1, "p50_ms"), val(rn1, "p50_ms"))
-    cost8 = None if not (val(d8r, "qps") and val(n8r, "qps")) else 100.0 * (1 - d8r["qps"] / n8r["qps"])
-    a("| session hygiene costs nothing on the caller's path: one-client `SELECT 1` p50 unchanged by "
-      "the default reset (counted as unchanged within 10 %%); the 8-client throughput cost reported "
-      "beside `reset_query = ''` | p50 %s ms with `DISCARD ALL` / %s ms without = **%s**; 8 clients: "
-      "%s vs %s qps, cost **%s** | %s |"
-      % (fmt_ms(val(rd1, "p50_ms")), fmt_ms(val(rn1, "p50_ms")), fmt_ratio(r_reset),
-         fmt_qps(val(d8r, "qps")), fmt_qps(val(n8r, "qps")),
-         "n/a" if cost8 is None else "%.1f %%" % cost8,
-         verdict(None if r_reset is None else r_reset <= 1.1)))
+    reset_lines, reset_sum = included_page(docs, "benchmarks-reset.md")
+    if reset_lines is not None:
+        parts, verdicts = [], []
+        for pl in ("shared", "split"):
+            r = reset_sum.get(pl)
+            if not r:
+                continue
+            parts.append("%s CPUs: p50 %s ms with `DISCARD ALL` / %s ms without = **%s**; 8 clients: "
+                         "%s vs %s qps, cost **%s**%s"
+                         % (pl, fmt_ms(r.get("p50_default")), fmt_ms(r.get("p50_none")),
+                            fmt_ratio(r.get("p50_ratio")), fmt_qps(r.get("qps8_default")),
+                            fmt_qps(r.get("qps8_none")),
+                            "n/a" if r.get("cost8") is None else "%.1f %%" % r["cost8"],
+                            "" if r.get("pgb_cost8") is None else
+                            " (pgbouncer's same reset: p50 ×%s, cost %.1f %%)"
+                            % (fmt_ratio(r.get("pgb_p50_ratio")), r["pgb_cost8"])))
+            p50r = r.get("p50_ratio")
+            verdicts.append("%s %s" % (pl, verdict(None if p50r is None else p50r <= 1.1)))
+        a("| session hygiene costs nothing on the caller's path: one-client `SELECT 1` p50 unchanged by "
+          "the default reset (counted as unchanged within 10 %%); the 8-client throughput cost reported "
+          "beside `reset_query = ''` | %s ([2b](#2b-the-cost-of-session-hygiene-peerpoolreset_query)) | %s |"
+          % ("; ".join(parts) or "n/a", "; ".join(verdicts) or "n/a"))
     a("| detection: a killed peer leaves `healthy` within 0.5 s; a frozen one becomes `unhealthy` "
       "within `interval × threshold + timeout` | measured by the TAP test `t/003_health.pl` "
       "(its `note` lines print the times) | not part of `make bench` |")
@@ -573,6 +606,18 @@ def main():
         a("| 100 registered nodes: adding one ≤ 100 ms; views return in < 10 ms "
           "| adding the 100th: %s ms (statement, including commit); slowest view p99: %s ms | %s |"
           % (fmt_ms(add_ms), fmt_ms(worst), verdict(ok)))
+    scale_lines, sc = included_page(docs, "benchmarks-scale.md")
+    if sc:
+        n = sc.get("nodes")
+        a("| %s nodes added in one statement over 10 peers: all `healthy` within 10 s; pool manager "
+          "idle CPU ≤ 1 %% of a core with 5 s checks | %s of %s healthy after %.1f s, against %.1f s "
+          "for plain libpq clients opening the same sessions (%s× that floor); %.2f %% of a core, "
+          "against %s for a minimal epoll loop sending the same checks ([Scale](#scale-benchscalesh)) "
+          "| %s (all healthy); %s (idle CPU) |"
+          % ("{:,}".format(n), "{:,}".format(sc["healthy"]), "{:,}".format(n), sc["healthy_s"],
+             sc["floor_s"], fmt_ratio(ratio(sc["healthy_s"], sc["floor_s"])), sc["cpu_pct"],
+             "n/a" if sc.get("floor_cpu_pct") is None else "%.2f %%" % sc["floor_cpu_pct"],
+             verdict(sc["healthy"] == n and sc["healthy_s"] <= 10), verdict(sc["cpu_pct"] <= 1)))
     a("")
 
     # 1. Latency.
@@ -678,69 +723,16 @@ def main():
              "n/a" if val(tp_pq[1], "machine_busy_pct") is None else "%.0f%%" % tp_pq[1]["machine_busy_pct"]))
         a("")
 
-    # 2b. The cost of the reset.
-    rd, rn = merged_reset(runs, results, "default"), merged_reset(runs, results, "none")
-    if rd is not None or rn is not None:
+    # 2b. The cost of the reset: bench/reset.sh writes its own page.
+    if reset_lines is not None:
         a("## 2b. The cost of session hygiene (`peerpool.reset_query`)")
         a("")
-        a("`pool_query('SELECT 1', 'peer1')` with the default `peerpool.reset_query = 'DISCARD ALL'` "
-          "(run on every connection after each call, once the caller has its answer) and with "
-          "`reset_query = ''` (nothing run), in the same run: 1 client for %s interleaved rounds of "
-          "%s s per setting (switching the setting with `ALTER SYSTEM` + reload before each run), "
-          "then 8 and 32 clients for %s s each. The pool of peer1 holds at most %d connections."
-          % (env.get("latency_rounds", "?"), env.get("seconds_per_run", "?"),
-             env.get("seconds_per_run", "?"), pool_max))
+        for line in reset_lines:
+            if line.startswith("# Reset cost:"):
+                continue
+            a(line)
         a("")
-        a("| clients | measure | `DISCARD ALL` (default) | `''` (no reset) | default ÷ none | errors (default / none) |")
-        a("|---:|---|---:|---:|---:|---|")
-        err = lambda r: "n/a" if r is None else ("hung/failed" if r.get("driver_failed") else
-                                                 str(r.get("errors", 0) + r.get("warmup_errors", 0)))
-        a("| 1 | p50 ms (per round: %s / %s) | %s | %s | %s | %s / %s |"
-          % (", ".join(fmt_ms(v) for v in (val(rd, "rounds_p50") or [])) or "n/a",
-             ", ".join(fmt_ms(v) for v in (val(rn, "rounds_p50") or [])) or "n/a",
-             fmt_ms(val(rd, "p50_ms")), fmt_ms(val(rn, "p50_ms")),
-             fmt_ratio(ratio(val(rd, "p50_ms"), val(rn, "p50_ms"))), err(rd), err(rn)))
-        a("| 1 | p99 ms | %s | %s | %s | |"
-          % (fmt_ms(val(rd, "p99_ms")), fmt_ms(val(rn, "p99_ms")),
-             fmt_ratio(ratio(val(rd, "p99_ms"), val(rn, "p99_ms")))))
-        for c in ("8", "32"):
-            d = find(runs, phase="reset", reset="default", clients=c)
-            n = find(runs, phase="reset", reset="none", clients=c)
-            a("| %s | qps | %s | %s | %s | %s / %s |"
-              % (c, fmt_qps(val(d, "qps")), fmt_qps(val(n, "qps")),
-                 fmt_ratio(ratio(val(d, "qps"), val(n, "qps"))), err(d), err(n)))
-            a("| %s | p50 ms | %s | %s | %s | |"
-              % (c, fmt_ms(val(d, "p50_ms")), fmt_ms(val(n, "p50_ms")),
-                 fmt_ratio(ratio(val(d, "p50_ms"), val(n, "p50_ms")))))
-        d8 = find(runs, phase="reset", reset="default", clients="8")
-        n8 = find(runs, phase="reset", reset="none", clients="8")
-        if val(d8, "qps") and val(n8, "qps"):
-            a("")
-            a("With 8 clients the reset costs **%.1f %%** of the throughput (SPEC §9 asks for it "
-              "to be reported; issue 8 sets 15 %% as the point where a cheaper reset must be "
-              "found). One client does not wait for it: the reset runs after the answer was "
-              "delivered, and the next call takes another idle connection of the pool (or waits "
-              "for the reset only when none is free)."
-              % (100.0 * (1 - val(d8, "qps") / val(n8, "qps"))))
-            a("")
-            a("Where the cost comes from: `DISCARD ALL` is one more round trip on the remote "
-              "connection after every call, and on a peer it costs about what `SELECT 1` does "
-              "(measured apart from this run with pgbench over a Unix socket on this machine: 0.07 ms each, 0.15 ms for the pair). "
-              "With more clients than pooled connections the pool is bound by its connections' "
-              "time per call, which the reset roughly doubles for `SELECT 1`; the pool manager "
-              "also handles one more result per call on CPUs it shares with everything else. "
-              "Cheaper ways considered, none of which keeps every isolation guarantee: a cheaper "
-              "statement (`RESET ALL` misses temporary tables, locks, prepared statements and "
-              "LISTEN; SPEC section 6 fixes the default); prefixing the next caller's SQL with "
-              "the reset (`DISCARD ALL` refuses the implicit transaction of a multi-statement "
-              "string, its parts would share the caller's transaction and be rolled back with a "
-              "failing call, and statements such as `VACUUM` would start failing); sending the "
-              "reset and the next query back to back (libpq allows that only in pipeline mode, "
-              "which needs the extended protocol, so multi-statement SQL would break); skipping "
-              "the reset when the same caller comes back (SPEC section 5 covers any later call); "
-              "detecting a dirty session from the server's ParameterStatus messages (they report "
-              "only a few settings, not roles, temporary tables or locks). `reset_query = ''` "
-              "remains the opt-out for fleets whose callers are one trust domain.")
+        a(RESET_EXPLANATION)
         a("")
 
     # 3. Fan-out.
@@ -922,14 +914,20 @@ def main():
       "run; the numbers above come from the defaults.")
     a("")
     # The scale phase (bench/scale.sh) writes its own page; keep it in this report.
-    scale = os.path.join(docs, "benchmarks-scale.md")
-    if os.path.exists(scale):
+    if scale_lines is not None:
         a("## Scale (bench/scale.sh)")
         a("")
-        with open(scale) as f:
-            for line in f.read().splitlines():
-                a(line.replace("# Scale:", "### Scale:", 1) if line.startswith("# Scale:") else line)
+        for line in scale_lines:
+            a(line.replace("# Scale:", "### Scale:", 1) if line.startswith("# Scale:") else line)
         a("")
+        # Notes written by hand about earlier runs (docs/benchmarks-scale-notes.md), one
+        # heading level down.
+        notes = os.path.join(docs, "benchmarks-scale-notes.md")
+        if os.path.exists(notes):
+            with open(notes) as f:
+                for line in f.read().splitlines():
+                    a("##" + line if line.startswith("#") else line)
+            a("")
     with open(os.path.join(docs, "benchmarks.md"), "w") as f:
         f.write("\n".join(L))
 

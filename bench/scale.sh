@@ -14,30 +14,14 @@ IDLE_S=${2:-30}
 PEERS=10
 OUT=${SCALE_OUT:-$SRC/docs/benchmarks-scale.md}
 
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/pg_peerpool_scale.XXXXXX")
-if [ "$(id -u)" = 0 ]; then chown "$TEST_USER" "$DIR"; fi
-started=()
-cleanup() {
-    for d in "${started[@]}"; do
-        as_test_user "$PG_BINDIR/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
-    done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-as_test_user "$PG_BINDIR/initdb" -D "$DIR/template" -A trust -U "$TEST_USER" >/dev/null
-
+bench_servers_init pg_peerpool_scale immediate
 start() { # name port extra-conf soft-nofile
     local d=$DIR/$1
     as_test_user cp -a "$DIR/template" "$d"
     printf "port = %s\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s'\n%s\n" \
         "$2" "$DIR" "$3" | as_test_user tee -a "$d/postgresql.conf" >/dev/null
     as_test_user bash -c "ulimit -Sn $4 && exec '$PG_BINDIR/pg_ctl' -D '$d' -l '$DIR/$1.log' -w start" >/dev/null
-    started+=("$d")
+    STARTED+=("$d")
 }
 psql_c() { as_test_user "$PG_BINDIR/psql" -X -q -At -h 127.0.0.1 -p "$COORD_PORT" -d postgres "$@"; }
 
@@ -190,4 +174,9 @@ fi
     [ -n "${floor_cpu_ratio:-}" ] && printf '| pool manager CPU / floor | %s | |\n' "$floor_cpu_ratio"
     printf '| pool manager RSS / open descriptors | %d MB / %d | |\n' "$(( rss_kb / 1024 ))" "$fds"
     if [ -n "$problems" ]; then printf '\nNodes not healthy at the end: %s\n' "$problems"; fi
+    # For the SPEC table of `make bench` (bench/report.py).
+    floor_json=null
+    [ -n "${cl_total:-}" ] && floor_json=$(printf '%.2f' "$cl_total")
+    printf '\n<!-- summary {"nodes": %d, "healthy": %d, "healthy_s": %.2f, "floor_s": %.2f, "cpu_pct": %.2f, "floor_cpu_pct": %s} -->\n' \
+        "$NODES" "$healthy" "$healthy_s" "$floor_s" "$cpu_pct" "$floor_json"
 } | tee "$OUT"

@@ -8,8 +8,9 @@
 #      postgres_fdw, and libpq straight to the peer;
 #   2. the same five with 8 and 32 clients, with pool_query's pool capped at 4 connections,
 #      while the peer's pg_stat_activity is sampled every 50 ms;
-#   2b. pool_query with the default peerpool.reset_query (DISCARD ALL) and with '' (1 client:
-#      p50; 8 and 32 clients: throughput), the cost of session hygiene;
+#   2b. (bench/reset.sh, servers of its own, after the rest) pool_query with the default
+#      peerpool.reset_query (DISCARD ALL) and with '' (1 client: p50; 8 and 32 clients:
+#      throughput), pgbouncer's same reset beside it, the peer sharing the CPUs and on its own;
 #   3. parallel_query fan-out over 1, 2, 5, 10, 20 nodes against pool_query to each node in turn;
 #   3b. large results: parallel_query_rows and parallel_query over 3 nodes x 100k rows x 6 columns
 #      against one pool_query returning the same 300k rows from one node;
@@ -243,35 +244,6 @@ done
 psql_at "$COORD_PORT" -At -c "SELECT row_to_json(s) FROM peerpool.pool_stats s WHERE node_name = 'peer1'" \
     >"$RESULTS/pool_stats_peer1.json"
 
-# The cost of session hygiene (SPEC section 9): pool_query with the default reset_query
-# (DISCARD ALL after every call) against reset_query = '' (none), in the same run: one client
-# (p50, rounds interleaved between the two settings) and 8 and 32 clients (throughput).
-set_reset() { # default|none
-    if [ "$1" = none ]; then
-        psql_at "$COORD_PORT" -At -c "ALTER SYSTEM SET peerpool.reset_query = ''" >/dev/null
-    else
-        psql_at "$COORD_PORT" -At -c "ALTER SYSTEM RESET peerpool.reset_query" >/dev/null
-    fi
-    psql_at "$COORD_PORT" -At -c "SELECT pg_reload_conf()" >/dev/null
-    sleep 0.5 # the pool manager rereads its configuration at its next wake-up
-}
-run_reset() { # reset clients round
-    local sql="SELECT * FROM peerpool.pool_query('SELECT 1', 'peer1') AS t(x int)"
-    local latfile=latencies_reset_$1_c$2_r$3.txt
-    run_driver "pool_query reset=$1 x$2" phase=reset "reset=$1" "clients=$2" "round=$3" \
-        "latencies=$latfile" -- \
-        --conninfo "$COORD" --sql "$sql" --expect 1 --clients "$2" --duration "$BENCH_SECONDS" \
-        --warmup 50 --latencies "$RESULTS/$latfile"
-}
-say "2b/5 reset_query cost: pool_query with DISCARD ALL (default) and with reset_query = '', 1, 8 and 32 clients"
-for r in $(seq 1 "$LATENCY_ROUNDS"); do
-    for reset in default none; do set_reset "$reset"; run_reset "$reset" 1 "$r"; done
-done
-for c in 8 32; do
-    for reset in default none; do set_reset "$reset"; run_reset "$reset" "$c" 1; done
-done
-set_reset default
-
 say "3/5 fan-out: parallel_query vs pool_query to each node in turn, $BENCH_FANOUT_CALLS calls per point"
 node_array() { # n -> ARRAY['peer1',...,'peerN']
     local a="" i
@@ -417,6 +389,18 @@ fi
     echo "crashes=$(cat "$DIR"/*.log | grep -c -E 'terminated by signal|PANIC' || true)"
     echo "runtime_s=$(($(date +%s) - BEGAN))"
 } >"$RESULTS/env.txt"
+
+# The phases below start servers of their own: this fleet stops first, so that its health
+# checks do not run beside them.
+for d in "${STARTED[@]}"; do
+    as_test_user "$PG_BINDIR/pg_ctl" -D "$d" -m fast stop >/dev/null 2>&1 || true
+done
+
+# Phase 2b: the cost of session hygiene (SPEC section 9), pool_query with and without the
+# default reset_query and pgbouncer's same reset beside it, with the peer sharing the CPUs and
+# on a CPU of its own; writes docs/benchmarks-reset.md, which the report includes.
+say "2b/5 reset_query cost (bench/reset.sh): DISCARD ALL against none, 1, 8 and 32 clients, pgbouncer beside it"
+RESET_RESULTS=$RESULTS bash "$SRC/bench/reset.sh" "$BENCH_SECONDS" || say "reset phase failed"
 
 # Phase 5: 1,000 nodes (SPEC sections 7 and 9), on servers of its own; writes
 # docs/benchmarks-scale.md, which the report includes.

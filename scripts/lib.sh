@@ -38,3 +38,29 @@ scratch_copy() {
     if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir"; fi
     echo "$dir"
 }
+
+# Scratch servers of a benchmark script (bench/reset.sh, bench/scale.sh): a fresh directory
+# DIR that the test user owns, holding an initdb'd `template` to copy; every data directory
+# added to STARTED is stopped (pg_ctl mode $2) on exit, after bench_cleanup_first when the
+# script defines it, and DIR is removed.
+bench_servers_init() { # name-prefix stop-mode
+    DIR=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+    if [ "$(id -u)" = 0 ]; then chown "$TEST_USER" "$DIR"; fi
+    BENCH_STOP_MODE=$2
+    STARTED=()
+    trap bench_servers_cleanup EXIT
+    as_test_user "$PG_BINDIR/initdb" -D "$DIR/template" -A trust -U "$TEST_USER" >/dev/null
+}
+bench_servers_cleanup() {
+    if declare -F bench_cleanup_first >/dev/null; then bench_cleanup_first; fi
+    local d
+    for d in "${STARTED[@]}"; do
+        as_test_user "$PG_BINDIR/pg_ctl" -D "$d" -m "$BENCH_STOP_MODE" stop >/dev/null 2>&1 || true
+    done
+    rm -rf "$DIR"
+}
+
+# A TCP port on 127.0.0.1 that nothing listens on right now.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
