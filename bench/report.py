@@ -43,6 +43,7 @@ COLORS = {
 }
 
 
+PLACEMENT_TEXT = {"shared": "peer on the same CPUs", "split": "peer on a CPU of its own"}
 # Why the reset costs what it costs, and the cheaper ways tried (issue 8).
 RESET_EXPLANATION = (
     "Where the cost comes from: `DISCARD ALL` is one more statement on the remote session after "
@@ -563,9 +564,9 @@ def main():
             r = reset_sum.get(pl)
             if not r:
                 continue
-            parts.append("%s CPUs: p50 %s ms with `DISCARD ALL` / %s ms without = **%s**; 8 clients: "
+            parts.append("%s: p50 %s ms with `DISCARD ALL` / %s ms without = **%s**; 8 clients: "
                          "%s vs %s qps, cost **%s**%s"
-                         % (pl, fmt_ms(r.get("p50_default")), fmt_ms(r.get("p50_none")),
+                         % (PLACEMENT_TEXT[pl], fmt_ms(r.get("p50_default")), fmt_ms(r.get("p50_none")),
                             fmt_ratio(r.get("p50_ratio")), fmt_qps(r.get("qps8_default")),
                             fmt_qps(r.get("qps8_none")),
                             "n/a" if r.get("cost8") is None else "%.1f %%" % r["cost8"],
@@ -573,7 +574,7 @@ def main():
                             " (pgbouncer's same reset: p50 ×%s, cost %.1f %%)"
                             % (fmt_ratio(r.get("pgb_p50_ratio")), r["pgb_cost8"])))
             p50r = r.get("p50_ratio")
-            verdicts.append("%s %s" % (pl, verdict(None if p50r is None else p50r <= 1.1)))
+            verdicts.append("%s: %s" % (PLACEMENT_TEXT[pl], verdict(None if p50r is None else p50r <= 1.1)))
         a("| session hygiene costs nothing on the caller's path: one-client `SELECT 1` p50 unchanged by "
           "the default reset (counted as unchanged within 10 %%); the 8-client throughput cost reported "
           "beside `reset_query = ''` | %s ([2b](#2b-the-cost-of-session-hygiene-peerpoolreset_query)) | %s |"
@@ -727,9 +728,10 @@ def main():
     if reset_lines is not None:
         a("## 2b. The cost of session hygiene (`peerpool.reset_query`)")
         a("")
-        for line in reset_lines:
-            if line.startswith("# Reset cost:"):
-                continue
+        body = [line for line in reset_lines if not line.startswith("# Reset cost:")]
+        while body and not body[0].strip():
+            body.pop(0)
+        for line in body:
             a(line)
         a("")
         a(RESET_EXPLANATION)
