@@ -731,6 +731,8 @@ def main():
         body = [line for line in reset_lines if not line.startswith("# Reset cost:")]
         while body and not body[0].strip():
             body.pop(0)
+        while body and not body[-1].strip():
+            body.pop()
         for line in body:
             a(line)
         a("")

@@ -406,5 +406,7 @@ RESET_RESULTS=$RESULTS bash "$SRC/bench/reset.sh" "$BENCH_SECONDS" || say "reset
 # docs/benchmarks-scale.md, which the report includes.
 bash "$SRC/bench/scale.sh" "${BENCH_SCALE_NODES:-1000}" "${BENCH_SCALE_IDLE_S:-30}" || say "scale phase failed"
 
+# The whole run, the phases on servers of their own included (read_kv keeps the last value).
+echo "runtime_s=$(($(date +%s) - BEGAN))" >>"$RESULTS/env.txt"
 python3 "$SRC/bench/report.py" "$RESULTS" "$SRC/docs"
 say "wrote bench/results/ and docs/benchmarks.md in $(($(date +%s) - BEGAN)) s"
