@@ -162,7 +162,7 @@ private:
     void ManageDueNodes(TimestampTz now);
     void RemoveDrainedNodes();
     void Unschedule(Node *node);
-    void ForgetDirtyNodes();
+    void ManageEveryNode(TimestampTz now);
     long SleepMs(TimestampTz now);
     void DispatchEvents(const WaitEvent *fired, int count, TimestampTz now);
     void Shutdown();
@@ -706,13 +706,15 @@ void PoolManager::Unschedule(Node *node)
     node->loop.timer_seq = 0; // its entry, if any, is stale from now on
 }
 
-// For the passes of Shutdown, which manage every node: the dirty list would otherwise stay
-// full and SleepMs keep returning 0.
-void PoolManager::ForgetDirtyNodes()
+// The passes of Shutdown manage every node, not only the due ones (ManageDueNodes). The dirty
+// list is emptied first: it would otherwise stay full and SleepMs keep returning 0.
+void PoolManager::ManageEveryNode(TimestampTz now)
 {
     for (Node *node : dirty_nodes_)
         node->loop.in_dirty_list = false;
     dirty_nodes_.clear();
+    for (auto &[name, node] : nodes_)
+        node->Manage(now);
 }
 
 void PoolManager::DropStaleTimers()
@@ -986,9 +988,7 @@ void PoolManager::Shutdown()
     while (in_flight() && GetCurrentTimestamp() < deadline) {
         TimestampTz now = GetCurrentTimestamp();
         ScanRequestSlots(now); // callers cancelled meanwhile get their queries cancelled
-        ForgetDirtyNodes();    // every node is managed here, not by ManageDueNodes
-        for (auto &[name, node] : nodes_)
-            node->Manage(now);
+        ManageEveryNode(now);
         StepRequests(now);
         if (!in_flight())
             break;
@@ -1036,9 +1036,7 @@ void PoolManager::Shutdown()
             return got;
         });
         DispatchEvents(events, n, GetCurrentTimestamp());
-        ForgetDirtyNodes();
-        for (auto &[name, node] : nodes_)
-            node->Manage(GetCurrentTimestamp());
+        ManageEveryNode(GetCurrentTimestamp());
     }
     // Closing sends Terminate, so the peers end our sessions at once.
     size_t closed = 0;
