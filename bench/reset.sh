@@ -122,11 +122,10 @@ set_reset() { # default|none
     sleep 0.5 # the pool manager rereads its configuration at its next wake-up
 }
 
-# CPU time (clock ticks) of a process and of all the peer's processes.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# CPU time (clock ticks) of all the peer's processes (proc_ticks: scripts/lib.sh).
 peer_ticks() {
     local s=0 p
-    for p in $PEER_PM $(ps -o pid= --ppid "$PEER_PM"); do s=$((s + $(ticks "$p"))); done
+    for p in $PEER_PM $(ps -o pid= --ppid "$PEER_PM"); do s=$((s + $(proc_ticks "$p"))); done
     echo $s
 }
 RUNS=$DIR/runs.jsonl
@@ -142,11 +141,11 @@ run() { # placement method clients round
           sql="SELECT 1"; pooler_pid=${bouncers[1]} ;;
     esac
     local q0 p0 q1 p1 out
-    q0=$(ticks "$pooler_pid"); p0=$(peer_ticks)
+    q0=$(proc_ticks "$pooler_pid"); p0=$(peer_ticks)
     out=$(timeout 120 taskset -c "$DRV_CPUS" "$DRIVER" --label "$2" --conninfo "$conninfo" \
         --sql "$sql" --expect 1 --clients "$3" --duration "$SECS" --warmup 50 2>/dev/null) ||
         out='{"driver_failed": 1}'
-    q1=$(ticks "$pooler_pid"); p1=$(peer_ticks)
+    q1=$(proc_ticks "$pooler_pid"); p1=$(peer_ticks)
     echo "${out%\}}, \"placement\": \"$1\", \"method\": \"$2\", \"clients\": $3, \"round\": $4, \"pooler_ticks\": $((q1 - q0)), \"peer_ticks\": $((p1 - p0))}" >>"$RUNS"
     echo "reset: $1 $2 x$3 round $4: $(echo "$out" | sed -n 's/.*"qps": \([0-9.]*\).*"p50_ms": \([0-9.]*\).*/qps \1, p50 \2 ms/p')"
 }

@@ -169,7 +169,6 @@ say "all $BENCH_PEERS nodes healthy in the coordinator's pools (max_connections 
 # busy the whole machine was (percent of all CPUs). Other work on the machine shows up there.
 PM_PID=$(psql_at "$COORD_PORT" -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_peerpool pool manager'")
 CLK_TCK=$(getconf CLK_TCK)
-proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 machine_ticks() { awk '/^cpu / {busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6}' /proc/stat; }
 
 # run_driver label tag... -- driver-args...: one driver run, appended to runs.jsonl.

@@ -60,6 +60,9 @@ bench_servers_cleanup() {
     rm -rf "$DIR"
 }
 
+# CPU time (user + system, clock ticks) a process has used so far; 0 once it is gone.
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
 # A TCP port on 127.0.0.1 that nothing listens on right now.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
